@@ -1,0 +1,119 @@
+"""The functional ADOPT API: validation and the choice between execution paths.
+
+``adopt(...)`` updates lists of tensors in place. It picks one of three paths, all computing
+the same per-tensor rule (see :mod:`adopt._single_tensor`):
+
+* single-tensor: one tensor at a time; supports ``differentiable`` and TorchScript.
+* foreach: multi-tensor ``torch._foreach_*`` ops per device and dtype.
+* fused: one kernel pass over memory (C on CPU, Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._foreach import foreach_adopt
+from ._single_tensor import single_tensor_adopt
+from .schedules import ClipSchedule
+
+__all__ = ["adopt"]
+
+_PathFn = Callable[..., None]
+
+
+def default_path(params: list[Tensor], differentiable: bool, lr: Union[float, Tensor], capturable: bool) -> str:
+    """The path used when neither ``foreach`` nor ``fused`` is set, as ``torch.optim.Adam`` chooses.
+
+    foreach when every parameter is on CUDA and the step is not differentiable (and a Tensor
+    lr comes with capturable=True); single-tensor otherwise.
+    """
+    if differentiable or torch.jit.is_scripting():
+        return "single"
+    if not params or not all(p.device.type == "cuda" for p in params):
+        return "single"
+    if isinstance(lr, Tensor) and not capturable:
+        return "single"
+    return "foreach"
+
+
+def adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    # Not keyword-only, mirroring torch.optim.adam.adam (TorchScript, torch.distributed.optim).
+    foreach: Optional[bool] = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: Optional[bool] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    has_complex: bool = False,
+    *,
+    beta1: float,
+    beta2: float,
+    lr: Union[float, Tensor],
+    clip_lambda: Optional[ClipSchedule],
+    weight_decay: float,
+    decouple: bool,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """Functional API that performs the ADOPT update on lists of tensors, in place.
+
+    ``state_steps`` holds each tensor's own step count (0-d tensors); tensors may be at
+    different steps. See :class:`adopt.ADOPT` for the algorithm and the arguments.
+
+    Raises:
+        RuntimeError: non-tensor ``state_steps``; ``foreach``/``fused`` under
+            ``torch.jit.script``; a Tensor ``lr`` with ``foreach=True`` and
+            ``capturable=False``; ``fused`` with ``foreach`` or ``differentiable``.
+    """
+    if not torch.compiler.is_compiling() and not all(isinstance(t, Tensor) for t in state_steps):
+        raise RuntimeError("API has changed, `state_steps` argument must contain a list of singleton tensors")
+    if foreach and torch.jit.is_scripting():
+        raise RuntimeError("torch.jit.script not supported with foreach optimizers")
+    if fused and torch.jit.is_scripting():
+        raise RuntimeError("torch.jit.script not supported with fused optimizers")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+
+    if fused is None and foreach is None:
+        path = default_path(params, differentiable, lr, capturable)
+    elif fused:
+        path = "fused"
+    else:
+        path = "foreach" if foreach else "single"
+
+    if path == "fused":
+        raise RuntimeError("`fused=True` is not supported yet: use foreach=True or the default")
+    if path == "foreach" and isinstance(lr, Tensor) and not capturable:
+        raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+
+    func: _PathFn = foreach_adopt if path == "foreach" else single_tensor_adopt
+    func(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        grad_scale,
+        found_inf,
+        has_complex=has_complex,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        clip_lambda=clip_lambda,
+        weight_decay=weight_decay,
+        decouple=decouple,
+        eps=eps,
+        maximize=maximize,
+        capturable=capturable,
+        differentiable=differentiable,
+    )

@@ -1,0 +1,258 @@
+"""The :class:`ADOPT` optimizer: a drop-in ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union, cast
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
+
+from .functional import adopt
+from .schedules import DEFAULT_CLIP, ClipSchedule
+
+__all__ = ["ADOPT"]
+
+
+class ADOPT(Optimizer):
+    r"""ADOPT: Adam that normalises by the *previous* second moment before momentum.
+
+    Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate",
+    NeurIPS 2024. Per parameter tensor, with ``s`` the number of steps it has taken before:
+
+    .. code-block:: text
+
+        s == 0:  v = g²                                   (no parameter change)
+        s >= 1:  n = clamp(g / max(√v, eps), -c(s), c(s))
+                 m = β1·m + (1 - β1)·n
+                 θ = θ - lr·m
+                 v = β2·v + (1 - β2)·g²
+
+    Because ``g`` is divided by a ``v`` that does not yet contain ``g``, the update stays
+    unbiased for any β2, which is why ADOPT converges where Adam can diverge.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate, a float or a 1-element Tensor (default: 1e-3).
+        betas: (β1, β2) for the momentum and the second moment (default: (0.9, 0.9999)).
+        eps: lower bound on ``√v`` in the normalisation (default: 1e-6).
+        clip_lambda: step → clip threshold for the normalised gradient, or None for no clip
+            (default: :class:`~adopt.schedules.PowerClip` ``(0.25)``, i.e. ``s ** 0.25``).
+            It receives an ``int`` when step counters live on the host and a 0-d tensor
+            when they live on the device (``capturable=True``, or fused on CUDA).
+        weight_decay: weight decay coefficient (default: 0).
+        decouple: decoupled (AdamW-style) weight decay ``θ ← θ·(1 - lr·wd)`` instead of
+            adding ``wd·θ`` to the gradient (default: False).
+        foreach: use the multi-tensor path (default: None, chosen automatically).
+        maximize: maximise the objective (default: False).
+        capturable: no host synchronisation in ``step()``, so it can be captured in a CUDA
+            graph or compiled with ``fullgraph=True`` (default: False).
+        differentiable: let autograd run through ``step()`` (default: False).
+        fused: use the fused one-pass kernel (default: None).
+
+    Example:
+        >>> model = torch.nn.Linear(10, 1)
+        >>> optimizer = ADOPT(model.parameters(), lr=1e-3, weight_decay=0.01, decouple=True)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        clip_lambda: Optional[ClipSchedule] = DEFAULT_CLIP,
+        weight_decay: float = 0.0,
+        decouple: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+    ) -> None:
+        _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
+        if clip_lambda is not None and not callable(clip_lambda):
+            raise ValueError(f"clip_lambda must be callable or None, got {clip_lambda!r}")
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            raise RuntimeError("`fused=True` is not supported yet: use foreach=True or the default")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decouple=decouple,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+        self.clip_lambda = clip_lambda
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, validating any hyperparameters it overrides."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_hyperparameters(
+            group["lr"], group["betas"], group["eps"], group["weight_decay"],
+            foreach=group["foreach"], capturable=group["capturable"],
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups; keep the schedule too.
+        return {**super().__getstate__(), "clip_lambda": self.clip_lambda}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore from a pickle, filling options older versions did not have.
+
+        Float step counters from old checkpoints become tensors: on the parameter's device
+        for capturable/fused groups, on the CPU otherwise.
+        """
+        if "clip_lambda" not in state:  # load_state_dict passes only state and param_groups
+            state = {**state, "clip_lambda": self.__dict__.get("clip_lambda", DEFAULT_CLIP)}
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("decouple", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            on_device = group["capturable"] or group["fused"]
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]), dtype=torch.float32, device=p.device if on_device else "cpu"
+                    )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the tensors of parameters with gradients, creating state on first sight."""
+        has_complex = False
+        on_device = group["capturable"] or group["fused"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= torch.is_complex(p)
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    def _check_groups(self) -> None:
+        """Reject what would fail mid-step, before any parameter or state is touched."""
+        for g_idx, group in enumerate(self.param_groups):
+            for p_idx, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"ADOPT does not support sparse gradients: param_groups[{g_idx}]['params'][{p_idx}] "
+                        f"(shape {tuple(p.shape)}) has a sparse gradient"
+                    )
+                state = self.state.get(p)
+                if group["differentiable"] and state and state["step"].requires_grad:
+                    raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+            if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
+                raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Perform one optimization step; returns the closure's loss if a closure is given."""
+        _graph_capture_health_check(self)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_groups()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            beta1, beta2 = group["betas"]
+            adopt(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                foreach=group["foreach"],
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                clip_lambda=self.clip_lambda,
+                weight_decay=group["weight_decay"],
+                decouple=group["decouple"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+
+def _graph_capture_health_check(optimizer: Optimizer) -> None:
+    """torch's check that capturable is on when a CUDA graph is being captured (renamed in 2.8)."""
+    check = getattr(optimizer, "_accelerator_graph_capture_health_check", None)
+    (check or optimizer._cuda_graph_capture_health_check)()
+
+
+def _validate_hyperparameters(
+    lr: Union[float, Tensor],
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    *,
+    foreach: Optional[bool],
+    capturable: bool,
+) -> None:
+    """Raise ValueError naming the argument and its value for anything out of range."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        lr_value = float(lr.detach().reshape(()))
+    else:
+        lr_value = lr
+    if not isinstance(lr_value, (int, float)) or not 0.0 <= lr_value < float("inf"):
+        raise ValueError(f"Invalid learning rate: lr={lr!r}")
+    if not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
+        raise ValueError(f"Invalid epsilon value: eps={eps!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got betas={betas!r}")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={beta!r} (must be in [0, 1))")
+    if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < float("inf"):
+        raise ValueError(f"Invalid weight_decay value: weight_decay={weight_decay!r}")
