@@ -10,7 +10,7 @@ What a schedule is called with
 ------------------------------
 * ``int`` when the step counters live on the host: ``capturable=False`` in the
   single-tensor and foreach paths, and the fused path on CPU.
-* a 0-d ``float32`` tensor on the parameter's device when the counter lives there
+* a 0-d ``float32`` step tensor on the parameter's device when the counter lives there
   (``capturable=True``, or the fused path on CUDA), so that no value leaves the device.
 
 Write custom schedules with arithmetic that works for both (``s ** 0.5``,
@@ -43,7 +43,9 @@ class PowerClip:
 
     def __call__(self, step: int | float | Tensor) -> float | Tensor:
         if isinstance(step, Tensor):
-            return step.float().pow(self.exponent)
+            # float64 (where the device has it) so float64 parameters see the host's threshold.
+            wide = torch.float32 if step.device.type == "mps" else torch.float64
+            return step.to(wide).pow(self.exponent)
         return float(step) ** self.exponent
 
     def __repr__(self) -> str:
@@ -77,7 +79,7 @@ def host_thresholds(clip_lambda: ClipSchedule, steps: list[int]) -> list[float]:
 
 
 def device_thresholds(clip_lambda: ClipSchedule, state_steps: list[Tensor]) -> Tensor:
-    """Per-tensor thresholds as one 1-d float32 tensor on the steps' device, no host sync.
+    """Per-tensor thresholds as one 1-d tensor on the steps' device, with no host sync.
 
     :class:`PowerClip` is evaluated on the stacked steps in one kernel; any other callable
     receives each 0-d step tensor, as the single-tensor path gives it.
@@ -86,5 +88,5 @@ def device_thresholds(clip_lambda: ClipSchedule, state_steps: list[Tensor]) -> T
         return clip_lambda(torch.stack(state_steps))  # type: ignore[return-value]
     device = state_steps[0].device
     return torch.stack(
-        [torch.as_tensor(clip_lambda(s), dtype=torch.float32, device=device).reshape(()) for s in state_steps]
+        [torch.as_tensor(clip_lambda(s), device=device).reshape(()) for s in state_steps]
     )
