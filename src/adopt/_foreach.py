@@ -104,7 +104,9 @@ def _host_group(
     first = [i for i, s in enumerate(host_steps) if s == 0]
     if first:
         g = [grads[i] for i in first]
-        torch._foreach_copy_([exp_avg_sqs[i] for i in first], torch._foreach_mul(g, g))
+        # Per-tensor copy_: DTensor (FSDP2) has no sharding rule for aten._foreach_copy_.
+        for i, sq in zip(first, torch._foreach_mul(g, g)):
+            exp_avg_sqs[i].copy_(sq)
     if len(first) == len(host_steps):
         return
     if first:
