@@ -86,7 +86,8 @@ def single_tensor_adopt(
                 normed = normed.clamp(-clip, clip)
             exp_avg.lerp_(normed, 1 - beta1)
             if isinstance(lr, Tensor):
-                param.sub_(exp_avg * lr)
+                # Autograd saves the factor for lr's gradient; m changes in place next step.
+                param.sub_((exp_avg.clone() if differentiable else exp_avg) * lr)
             else:
                 param.add_(exp_avg, alpha=-lr)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
