@@ -13,8 +13,8 @@ from typing import Optional, Union, cast
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from ._grouping import group_tensors
 from .schedules import ClipSchedule, device_thresholds, host_thresholds
 
 
@@ -50,40 +50,39 @@ def foreach_adopt(
     if not params:
         return
 
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
-    )
-    # Work out every group's plan (and run the clip schedule) before touching any tensor.
-    plans = []
-    for (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps), _ in grouped.values():
-        tensors = [cast(list[Tensor], t) for t in (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs)]
-        steps = cast(list[Tensor], dev_steps)
-        if has_complex:
-            tensors = [[torch.view_as_real(t) if torch.is_complex(t) else t for t in ts] for ts in tensors]
+    groups = group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex)
+    # Read host steps and run the clip schedule for every group before touching any tensor.
+    host_steps: list[list[int]] = []
+    clips: list[Optional[Union[list[float], Tensor]]] = []
+    for group in groups:
         if capturable:
-            clip = None if clip_lambda is None else device_thresholds(clip_lambda, steps)
-            plans.append((tensors, steps, clip))
+            host_steps.append([])
+            clips.append(None if clip_lambda is None else device_thresholds(clip_lambda, group.steps))
         else:
-            host_steps = [int(s.item()) for s in steps]
-            clip = None if clip_lambda is None else host_thresholds(clip_lambda, [max(s, 1) for s in host_steps])
-            plans.append((tensors, steps, (host_steps, clip)))
+            counts = [int(s.item()) for s in group.steps]
+            host_steps.append(counts)
+            clips.append(None if clip_lambda is None else host_thresholds(clip_lambda, [max(s, 1) for s in counts]))
 
-    kwargs = dict(beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, decouple=decouple, eps=eps)
-    for (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs), steps, extra in plans:
+    for group, counts, clip in zip(groups, host_steps, clips):
+        dev_grads = group.grads
         if maximize:
-            dev_grads = torch._foreach_neg(dev_grads)
+            dev_grads = list(torch._foreach_neg(dev_grads))
         if weight_decay != 0 and not decouple:
-            dev_grads = torch._foreach_add(dev_grads, dev_params, alpha=weight_decay)
+            dev_grads = list(torch._foreach_add(dev_grads, group.params, alpha=weight_decay))
+        decoupled_wd = weight_decay if decouple else 0.0
         if capturable:
-            _capturable_group(dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, steps, extra, **kwargs)
+            _capturable_group(group.params, dev_grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
+                              cast(Optional[Tensor], clip), beta1=beta1, beta2=beta2, lr=lr,
+                              weight_decay=decoupled_wd, eps=eps)
         else:
-            host_steps, clip = extra
-            _host_group(dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, host_steps, clip, **kwargs)
-        if steps[0].is_cpu:
+            _host_group(group.params, dev_grads, group.exp_avgs, group.exp_avg_sqs, counts,
+                        cast(Optional[list[float]], clip), beta1=beta1, beta2=beta2, lr=cast(float, lr),
+                        weight_decay=decoupled_wd, eps=eps)
+        if group.steps[0].is_cpu:
             # One wrapped scalar instead of re-wrapping 1 for every tensor on the slow CPU path.
-            torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+            torch._foreach_add_(group.steps, torch.tensor(1.0), alpha=1.0)
         else:
-            torch._foreach_add_(steps, 1)
+            torch._foreach_add_(group.steps, 1)
 
 
 def _host_group(
@@ -96,11 +95,11 @@ def _host_group(
     *,
     beta1: float,
     beta2: float,
-    lr: Union[float, Tensor],
+    lr: float,
     weight_decay: float,
-    decouple: bool,
     eps: float,
 ) -> None:
+    """The rule with the first-step/update split done on the host; ``weight_decay`` is decoupled."""
     first = [i for i, s in enumerate(host_steps) if s == 0]
     if first:
         g = [grads[i] for i in first]
@@ -116,7 +115,7 @@ def _host_group(
         )
         clip = None if clip is None else [clip[i] for i in keep]
 
-    if weight_decay != 0 and decouple:
+    if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     normed = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_clamp_min_(normed, eps)
@@ -125,7 +124,7 @@ def _host_group(
         torch._foreach_clamp_min_(normed, [-c for c in clip])
         torch._foreach_clamp_max_(normed, clip)
     torch._foreach_lerp_(exp_avgs, normed, 1 - beta1)
-    torch._foreach_add_(params, exp_avgs, alpha=-cast(float, lr))
+    torch._foreach_add_(params, exp_avgs, alpha=-lr)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
@@ -142,16 +141,16 @@ def _capturable_group(
     beta2: float,
     lr: Union[float, Tensor],
     weight_decay: float,
-    decouple: bool,
     eps: float,
 ) -> None:
     """Same rule with per-tensor masks in place of the host split: no sync, no branch.
 
+    ``weight_decay`` here is the decoupled decay (0 when decay is L2, already in ``grads``).
     The bulk math runs as foreach ops; the first-step selection is a per-tensor
     ``torch.where`` (a select, so an inf in the discarded branch never leaks).
     """
     active = (torch.stack(steps) > 0).unbind()
-    if weight_decay != 0 and decouple:
+    if weight_decay != 0:
         decayed = torch._foreach_mul(params, 1 - lr * weight_decay)  # type: ignore[arg-type]
         for p, d, a in zip(params, decayed, active):
             p.copy_(torch.where(a, d, p))

@@ -83,7 +83,7 @@ def single_tensor_adopt(
             normed = grad / exp_avg_sq.sqrt().clamp(min=eps)
             clip = thresholds[i]
             if clip is not None:
-                normed = normed.clamp(-clip, clip)
+                normed = normed.clamp(-clip, clip)  # type: ignore[arg-type]
             exp_avg.lerp_(normed, 1 - beta1)
             if isinstance(lr, Tensor):
                 # Autograd saves the factor for lr's gradient; m changes in place next step.
