@@ -1,0 +1,436 @@
+"""Fused ADOPT step for CUDA in Triton: one launch per device/dtype group, one pass over memory.
+
+Design
+------
+* **Pointer table.** One int64 device buffer per group holds, for each tensor, a row
+  ``(param, grad, exp_avg, exp_avg_sq, step, numel, blocks)`` of raw addresses and sizes,
+  then the block map (one ``(tensor, chunk)`` int32 pair per program), then one int32
+  completion counter per tensor. Each program reads its pair, its tensor's row, and then
+  streams one ``BLOCK`` chunk of p, g, m, v: every element is read once and written once.
+* **Caching.** The buffer is a pure function of the tensors' addresses and sizes, so it is
+  cached under exactly that key (LRU): repeated steps neither rebuild nor re-upload it. The
+  upload is one host-to-device copy from pinned memory that the plan keeps alive, so a
+  plan first built inside CUDA-graph capture is replayed correctly; plans used during a
+  capture are kept for the life of the process, since the graph holds their addresses.
+* **No host sync.** The step counters, a tensor ``lr``, ``grad_scale``, ``found_inf`` and
+  per-tensor clip thresholds are all read inside the kernel.
+* **Step counters.** Every program reads its tensor's old step, does its chunk, then (after
+  a CTA barrier) bumps its tensor's completion counter with an acq_rel atomic. The program
+  that completes a tensor writes ``step + 1`` and resets the counter to zero, so no program
+  of that tensor can still be reading the old step, and the buffer is ready for the next
+  launch or graph replay. When ``found_inf`` is nonzero nothing is loaded or stored.
+* **Blocks.** 8 warps per program and 8 elements of each stream per thread (2048 fp32 or
+  fp16/bf16 elements, 1024 fp64): two 16-byte vector loads per stream per thread for fp32,
+  about 80 registers, so three programs share an SM and one's table lookups hide behind the
+  others' streaming. Full chunks take an unmasked path, so accesses stay 16 bytes wide when
+  every address is 16-byte aligned (checked when the plan is built; otherwise an unhinted
+  variant runs); a tensor's last, partial chunk runs as four small masked sub-chunks.
+
+Run on CPU tensors only under ``TRITON_INTERPRET=1`` (set before ``triton`` is imported).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # the package works without triton; the dispatcher checks triton_available()
+    triton = None  # type: ignore[assignment]
+
+__all__ = ["triton_available", "launch_group", "plan_builds", "clear_plan_cache", "Clip"]
+
+Clip = Optional[Tuple[str, Union[float, Tensor]]]
+
+_ROW = 7  # int64 fields per tensor: p, g, m, v, step addresses, numel, number of blocks
+_NUM_WARPS = 8
+# Elements of each stream per program: 8 per thread (two 16-byte vectors of fp32, one of
+# fp16/bf16), 4 for fp64; about 80 registers, so three 256-thread programs fit on an SM.
+_BLOCK_ELEMS = {torch.float16: 2048, torch.bfloat16: 2048, torch.float32: 2048, torch.float64: 1024}
+_TAIL_SPLIT = 4  # a partial chunk runs as this many masked sub-chunks, to spare registers
+_CACHE_CAPACITY = 32
+_WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
+_CLIP_NONE, _CLIP_POWER, _CLIP_TENSOR = 0, 1, 2
+
+
+def triton_available() -> bool:
+    """Whether triton could be imported (the kernel itself needs CUDA or ``TRITON_INTERPRET=1``)."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_pointer(row, field: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Address ``field`` of a table row as a typed pointer, hinted 16-byte aligned if known."""
+        ptr = tl.load(row + field).to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
+    def _grad(g_ptr, offs, mask, inv_scale, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr):
+        """Load g in the compute dtype, unscaled and negated as asked."""
+        g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+        if inv_scale is not None:
+            g = g * inv_scale
+        if MAXIMIZE:
+            g = -g
+        return g
+
+    @triton.jit
+    def _first_step(p_ptr, g_ptr, v_ptr, offs, mask, inv_scale, wd,
+                    COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr):
+        """s = 0: v <- g*g; p and m are left alone."""
+        g = _grad(g_ptr, offs, mask, inv_scale, COMPUTE, MAXIMIZE)
+        if WD_MODE == 1:
+            g = g + wd * tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+        tl.store(v_ptr + offs, (g * g).to(v_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, inv_scale, lr, wd, decay,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, clip,
+                    COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr):
+        """s >= 1: normalise by the old v, clip, update m and p, then v."""
+        g = _grad(g_ptr, offs, mask, inv_scale, COMPUTE, MAXIMIZE)
+        p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+        if WD_MODE == 1:
+            g = g + wd * p
+        if WD_MODE == 2:
+            p = p * decay
+        if COMPUTE == tl.float64:  # float64 sqrt and division are IEEE-rounded already
+            root = tl.sqrt(v)
+            n = g / tl.where(root < eps, eps, root)  # max(sqrt(v), eps), NaN-propagating
+        else:  # IEEE-rounded, not the approximate float32 defaults
+            root = tl.sqrt_rn(v)
+            n = tl.div_rn(g, tl.where(root < eps, eps, root))
+        if clip is not None:
+            n = tl.where(n > clip, clip, tl.where(n < -clip, -clip, n))
+        m = m + one_minus_beta1 * (n - m)
+        p = p - lr * m
+        v = beta2 * v + one_minus_beta2 * (g * g)
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _adopt_kernel(
+        rows_ptr, blocks_ptr, counters_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, thresholds_ptr,
+        lr_value: tl.float64, beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64,
+        eps: tl.float64, clip_exponent: tl.float64,
+        DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, WD_MODE: tl.constexpr,
+        CLIP_MODE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+        ROW: tl.constexpr,
+    ):
+        """One program per (tensor, chunk) pair of the block map; see the module docstring."""
+        pid = tl.program_id(0)
+        t = tl.load(blocks_ptr + 2 * pid)
+        chunk = tl.load(blocks_ptr + 2 * pid + 1)
+        row = rows_ptr + t.to(tl.int64) * ROW
+        if found_inf_ptr is not None:
+            go = tl.load(found_inf_ptr) == 0
+        else:
+            go = True
+        if go:
+            p_ptr = _row_pointer(row, 0, DTYPE, ALIGNED)
+            g_ptr = _row_pointer(row, 1, DTYPE, ALIGNED)
+            m_ptr = _row_pointer(row, 2, DTYPE, ALIGNED)
+            v_ptr = _row_pointer(row, 3, DTYPE, ALIGNED)
+            step_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+            numel = tl.load(row + 5)
+            nblocks = tl.load(row + 6)
+            step = tl.load(step_ptr)
+            start = chunk.to(tl.int64) * BLOCK
+            offs = start + tl.arange(0, BLOCK)
+            full = start + BLOCK <= numel
+
+            if grad_scale_ptr is not None:
+                inv_scale = 1.0 / tl.load(grad_scale_ptr).to(COMPUTE)
+            else:
+                inv_scale = None
+            wd = tl.full((), weight_decay, COMPUTE)
+
+            if step == 0.0:
+                if full:
+                    _first_step(p_ptr, g_ptr, v_ptr, offs, None, inv_scale, wd,
+                                COMPUTE, MAXIMIZE, WD_MODE)
+                else:
+                    for sub in tl.range(0, BLOCK, TAIL):
+                        o = start + sub + tl.arange(0, TAIL)
+                        _first_step(p_ptr, g_ptr, v_ptr, o, o < numel, inv_scale, wd,
+                                    COMPUTE, MAXIMIZE, WD_MODE)
+            else:
+                if lr_ptr is not None:
+                    lr = tl.load(lr_ptr).to(COMPUTE)
+                else:
+                    lr = tl.full((), lr_value, COMPUTE)
+                if CLIP_MODE == 1:
+                    s = step.to(tl.float64)
+                    clip = tl.exp2(tl.full((), clip_exponent, tl.float64) * tl.log2(s)).to(COMPUTE)
+                elif CLIP_MODE == 2:
+                    clip = tl.load(thresholds_ptr + t).to(COMPUTE)
+                else:
+                    clip = None
+                decay = 1.0 - lr * wd
+                # 1 - beta in float64 before rounding: 1 - fp32(0.999) is off by 1e-5 relative
+                one_minus_b1 = tl.full((), 1.0 - beta1, COMPUTE)
+                b2 = tl.full((), beta2, COMPUTE)
+                one_minus_b2 = tl.full((), 1.0 - beta2, COMPUTE)
+                eps_c = tl.full((), eps, COMPUTE)
+                if full:
+                    _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, lr, wd, decay,
+                                one_minus_b1, b2, one_minus_b2, eps_c, clip, COMPUTE, MAXIMIZE,
+                                WD_MODE)
+                else:
+                    for sub in tl.range(0, BLOCK, TAIL):
+                        o = start + sub + tl.arange(0, TAIL)
+                        _later_step(p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, inv_scale, lr, wd,
+                                    decay, one_minus_b1, b2, one_minus_b2, eps_c, clip, COMPUTE,
+                                    MAXIMIZE, WD_MODE)
+
+            # Every thread of this program has read the old step before the release below.
+            tl.debug_barrier()
+            done = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
+            if done == nblocks - 1:
+                tl.store(counters_ptr + t, 0)
+                tl.store(step_ptr, step + 1.0)
+
+    _INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
+    _TL_DTYPES = {
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float32: tl.float32,
+        torch.float64: tl.float64,
+    }
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Device-side tables for one group of tensors (views into one uploaded buffer)."""
+
+    host: Tensor  # the upload's source; a captured graph copies from it again on each replay
+    rows: Tensor  # int64 [T * _ROW]
+    blocks: Tensor  # int32 [2 * num_blocks]: (tensor, chunk) per program
+    counters: Tensor  # int32 [T]: completed programs per tensor, zero between launches
+    num_blocks: int
+    aligned: bool
+
+
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_GRAPH_PLANS: dict[int, _Plan] = {}  # used inside a CUDA-graph capture: never freed
+_builds = 0
+
+
+def plan_builds() -> int:
+    """How many pointer tables have been built (and uploaded) in this process."""
+    return _builds
+
+
+def clear_plan_cache() -> None:
+    """Drop cached tables (those referenced by captured CUDA graphs are kept)."""
+    _PLANS.clear()
+
+
+def _check_group(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+) -> None:
+    """Validate the group when its plan is built; a cache hit means the same tensors again."""
+    device, dtype = params[0].device, params[0].dtype
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            if t.device != device or t.dtype != dtype:
+                raise ValueError(
+                    f"{name} {i} is {t.dtype} on {t.device}; the group is {dtype} on {device}"
+                )
+            if t.numel() != p.numel():
+                raise ValueError(f"{name} {i} has {t.numel()} elements, its param {p.numel()}")
+            if not t.is_contiguous():
+                raise ValueError(f"triton ADOPT needs contiguous tensors; {name} {i} is not")
+        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
+            raise ValueError(
+                f"state_steps[{i}] must be a 1-element float32 tensor on {device}, "
+                f"got {tuple(s.shape)} {s.dtype} on {s.device}"
+            )
+
+
+def _build_plan(columns: Tuple[Tuple[int, ...], ...], block: int, device: torch.device) -> _Plan:
+    """Lay out rows, block map and zeroed counters in one int64 buffer and upload it."""
+    global _builds
+    fields = torch.tensor(columns, dtype=torch.int64).t()
+    num_tensors = fields.shape[0]
+    numels = fields[:, 5]
+    nblocks = torch.clamp((numels + block - 1) // block, min=1)  # empty tensors still count a step
+    num_blocks = int(nblocks.sum())
+    block_words = num_blocks  # one int64 word holds one (tensor, chunk) int32 pair
+    counter_words = (num_tensors + 1) // 2
+    host = torch.zeros(num_tensors * _ROW + block_words + counter_words, dtype=torch.int64)
+    rows = host[: num_tensors * _ROW].view(num_tensors, _ROW)
+    rows[:, : _ROW - 1] = fields
+    rows[:, _ROW - 1] = nblocks
+    tensor_of_block = torch.repeat_interleave(torch.arange(num_tensors), nblocks)
+    first_block = torch.cumsum(nblocks, 0) - nblocks
+    pairs = host[num_tensors * _ROW : num_tensors * _ROW + block_words].view(torch.int32)
+    pairs = pairs.view(num_blocks, 2)
+    pairs[:, 0] = tensor_of_block
+    pairs[:, 1] = torch.arange(num_blocks) - first_block[tensor_of_block]
+    aligned = bool((fields[:, :4] % 16 == 0).all())
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    split = num_tensors * _ROW
+    _builds += 1
+    return _Plan(
+        host=host,
+        rows=dev[:split],
+        blocks=dev[split : split + block_words].view(torch.int32),
+        counters=dev[split + block_words :].view(torch.int32)[:num_tensors],
+        num_blocks=num_blocks,
+        aligned=aligned,
+    )
+
+
+def _plan_for(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    block: int,
+) -> _Plan:
+    """The cached plan for these exact tensors, building (and validating) it on a miss."""
+    device = params[0].device
+    address = Tensor.data_ptr
+    columns = (
+        tuple(map(address, params)),
+        tuple(map(address, grads)),
+        tuple(map(address, exp_avgs)),
+        tuple(map(address, exp_avg_sqs)),
+        tuple(map(address, state_steps)),
+        tuple(map(Tensor.numel, params)),
+    )
+    key = (device, params[0].dtype, block, columns)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check_group(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        plan = _build_plan(columns, block, device)
+        if not capturing:  # a table uploaded inside a capture exists only once the graph runs
+            _PLANS[key] = plan
+            if len(_PLANS) > _CACHE_CAPACITY:
+                _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    if capturing:
+        _GRAPH_PLANS[id(plan)] = plan
+    return plan
+
+
+def _on(device: torch.device, name: str, t: Tensor, numel: int = 1) -> Tensor:
+    """``t`` if it is contiguous with ``numel`` elements on ``device``, else a clear error."""
+    if t.device != device:  # moving it here would cost a copy, and a host sync for CPU values
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if t.numel() != numel or not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous with {numel} element(s), got {tuple(t.shape)}")
+    return t
+
+
+def launch_group(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    lr: Union[float, Tensor],
+    clip: Clip,
+    weight_decay: float,
+    decouple: bool,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """Apply one ADOPT step to a same-device, same-dtype group of contiguous tensors in place.
+
+    ``clip`` is ``None``, ``("power", exponent)`` (threshold ``s ** exponent`` from each
+    tensor's step, computed in the kernel) or ``("tensor", thresholds)`` (a 1-d device
+    tensor, one per tensor). ``lr``, ``grad_scale`` and ``found_inf`` may be device tensors;
+    ``state_steps`` (float32, on the device) are read and incremented by the kernel. Nothing
+    synchronises with the host, so the call can be captured in a CUDA graph.
+
+    Raises:
+        RuntimeError: triton is missing, or the device does not suit the interpreter setting.
+        ValueError: mismatched lists, devices, sizes, non-contiguous tensors or a bad ``clip``.
+        TypeError: an unsupported dtype.
+    """
+    if triton is None:
+        raise RuntimeError("the fused CUDA path of ADOPT needs triton (pip install triton)")
+    count = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == count):
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps differ in length")
+    if count == 0:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    if (device.type == "cpu") != _INTERPRETED:  # the interpreter reads host memory only
+        raise RuntimeError(
+            f"triton ADOPT runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (set before "
+            f"triton is imported); got tensors on {device} with the interpreter "
+            f"{'on' if _INTERPRETED else 'off'}"
+        )
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"triton ADOPT supports float16/bfloat16/float32/float64, got {dtype}")
+
+    block = _BLOCK_ELEMS[dtype]
+    plan = _plan_for(params, grads, exp_avgs, exp_avg_sqs, state_steps, block)
+
+    lr_ptr = _on(device, "lr", lr) if isinstance(lr, Tensor) else None
+    lr_value = 0.0 if isinstance(lr, Tensor) else float(lr)
+    thresholds = None
+    exponent = 0.0
+    if clip is None:
+        clip_mode = _CLIP_NONE
+    elif clip[0] == "power":
+        clip_mode, exponent = _CLIP_POWER, float(clip[1])  # type: ignore[arg-type]
+    elif clip[0] == "tensor" and isinstance(clip[1], Tensor):
+        clip_mode, thresholds = _CLIP_TENSOR, _on(device, "clip thresholds", clip[1], count)
+    else:
+        raise ValueError(
+            f"clip must be None, ('power', exponent) or ('tensor', thresholds), got {clip!r}"
+        )
+    if weight_decay == 0:
+        wd_mode = _WD_NONE
+    else:
+        wd_mode = _WD_DECOUPLED if decouple else _WD_L2
+    compute = tl.float64 if dtype == torch.float64 else tl.float32
+
+    args = (
+        plan.rows, plan.blocks, plan.counters, lr_ptr,
+        None if grad_scale is None else _on(device, "grad_scale", grad_scale),
+        None if found_inf is None else _on(device, "found_inf", found_inf),
+        thresholds,
+        lr_value, float(beta1), float(beta2), float(weight_decay), float(eps), exponent,
+    )
+    meta = dict(
+        DTYPE=_TL_DTYPES[dtype], COMPUTE=compute, ALIGNED=plan.aligned, WD_MODE=wd_mode,
+        CLIP_MODE=clip_mode, MAXIMIZE=bool(maximize), BLOCK=block, TAIL=block // _TAIL_SPLIT,
+        ROW=_ROW, num_warps=_NUM_WARPS, enable_fp_fusion=True,
+    )
+    # triton launches on the current CUDA device; make it the tensors' one
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        _adopt_kernel[(plan.num_blocks,)](*args, **meta)
