@@ -1,0 +1,347 @@
+"""Fused ADOPT: the whole step in one pass over memory per device and dtype group.
+
+* CPU: the C kernel ``adopt._kernels._adopt_cpu`` (OpenMP threads, vectorised), one call
+  per dtype group. The kernel validates every tensor before it touches any, reads each
+  tensor's data pointer itself and caches what it validated, so the Python side of a step
+  costs a handful of attribute reads.
+* CUDA: ``adopt._kernels.triton_adopt.launch_group``, one launch per device and dtype
+  group, with steps, ``lr``, clip thresholds and ``found_inf`` read on the device.
+
+Both update ``state_steps`` (float32 0-d tensors on the parameter's device) in the kernel,
+and when AMP's ``found_inf`` is nonzero nothing changes at all. When the C extension was
+not built, CPU groups run the foreach path instead, after a one-time
+:class:`FusedFallbackWarning`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from types import ModuleType
+from typing import Callable, NamedTuple, Optional, Union, cast
+
+import torch
+from torch import Tensor
+
+from ._foreach import foreach_adopt
+from ._grouping import TensorGroup, group_tensors
+from .schedules import ClipSchedule, PowerClip, device_thresholds, host_thresholds
+
+__all__ = [
+    "fused_adopt",
+    "fused_cpu_available",
+    "fused_cuda_available",
+    "fused_supported_dtypes",
+    "FusedFallbackWarning",
+]
+
+_SUPPORTED_DTYPES = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128}
+)
+
+
+class FusedFallbackWarning(RuntimeWarning):
+    """The fused CPU kernel is unavailable and the foreach path runs instead."""
+
+
+@functools.cache
+def _load_cpu_kernel() -> tuple[Optional[ModuleType], str]:
+    """The compiled kernel module (or None) and, when missing, why."""
+    try:
+        from ._kernels import _adopt_cpu
+    except ImportError as exc:
+        return None, str(exc)
+    return _adopt_cpu, ""
+
+
+def _cpu_kernel() -> Optional[ModuleType]:
+    return _load_cpu_kernel()[0]
+
+
+def fused_cpu_available() -> bool:
+    """Whether the C kernel was built and imports, i.e. ``fused=True`` on CPU runs fused."""
+    return _cpu_kernel() is not None
+
+
+@functools.cache
+def fused_cuda_available() -> bool:
+    """Whether the Triton kernel for CUDA tensors can run (triton is installed)."""
+    try:
+        from ._kernels import triton_adopt
+    except ImportError:
+        return False
+    return triton_adopt.triton_available()
+
+
+def fused_supported_dtypes() -> frozenset[torch.dtype]:
+    """Parameter dtypes the fused path handles on CPU and CUDA (complex as real views)."""
+    return _SUPPORTED_DTYPES
+
+
+_fallback_warned = False
+
+
+def _warn_fallback_once() -> None:
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    reason = _load_cpu_kernel()[1] or "the extension is unavailable"
+    warnings.warn(
+        "adopt: the fused CPU kernel (adopt._kernels._adopt_cpu) could not be loaded "
+        f"({reason}); fused=True runs the foreach path on CPU instead. Reinstall with a C "
+        "compiler available to build it.",
+        FusedFallbackWarning,
+        stacklevel=5,  # the caller of fused_adopt
+    )
+
+
+def fused_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    *,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: Union[float, Tensor],
+    clip_lambda: Optional[ClipSchedule],
+    weight_decay: float,
+    decouple: bool,
+    eps: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+) -> None:
+    """One fused ADOPT step (same arguments and result as ``single_tensor_adopt``).
+
+    ``grad_scale``/``found_inf`` come from ``torch.amp.GradScaler``: gradients are divided
+    by ``grad_scale`` inside the kernel, and a nonzero ``found_inf`` leaves params, state
+    and steps untouched. ``state_steps`` must be float32 0-d tensors on each parameter's
+    device.
+
+    Raises:
+        RuntimeError: ``differentiable=True``; CUDA tensors without triton.
+        ValueError / TypeError: mismatched lists, steps that are not float32 scalars on the
+            parameter's device, unsupported dtypes. Nothing is modified then.
+    """
+    if differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if not params:
+        return
+    hyper = _Hyper(beta1, beta2, lr, clip_lambda, weight_decay, decouple, eps, maximize, capturable)
+    kernel = _cpu_kernel()
+    if kernel is not None and not has_complex and params[0].is_cpu:
+        # Common case first: one CPU dtype group, validated and run by a single C call.
+        status = _run_cpu(kernel, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, hyper)
+        if status == kernel.DONE:
+            return
+    groups = group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex)
+    # Validate every group before any runs, so an error leaves everything untouched.
+    cpu_groups = [g for g in groups if g.device.type == "cpu"]
+    runs = [_plan_cuda(g, grad_scale, found_inf, hyper) for g in groups if g.device.type != "cpu"]
+    if cpu_groups:
+        runs.insert(0, _plan_cpu(cpu_groups, grad_scale, found_inf, hyper))
+    for run in runs:
+        run()
+
+
+class _Hyper(NamedTuple):
+    """The scalar arguments of a step, shared by every group."""
+
+    beta1: float
+    beta2: float
+    lr: Union[float, Tensor]
+    clip_lambda: Optional[ClipSchedule]
+    weight_decay: float
+    decouple: bool
+    eps: float
+    maximize: bool
+    capturable: bool
+
+
+def _cpu_scalar(t: Optional[Tensor]) -> Optional[Tensor]:
+    """An AMP scalar as the contiguous float32 CPU tensor the C kernel reads."""
+    if t is None or (t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+def _cpu_clip(
+    kernel: ModuleType, state_steps: list[Tensor], hyper: _Hyper
+) -> Optional[tuple[int, Optional[Tensor], float]]:
+    """(clip mode, threshold table, exponent) for the C kernel; None if steps are not host scalars."""
+    clip = hyper.clip_lambda
+    if clip is None:
+        return kernel.CLIP_NONE, None, 0.0
+    if isinstance(clip, PowerClip):
+        return kernel.CLIP_POWER, None, clip.exponent
+    if hyper.capturable:
+        if not all(s.is_cpu for s in state_steps):
+            return None
+        return kernel.CLIP_TABLE, device_thresholds(clip, state_steps).to(torch.float64).contiguous(), 0.0
+    counts = kernel.host_steps(state_steps)
+    if counts is None:
+        return None
+    # A tensor at its first step is not clipped; evaluate the schedule at 1 as foreach does.
+    thresholds = host_thresholds(clip, [max(s, 1) for s in counts])
+    return kernel.CLIP_TABLE, torch.tensor(thresholds, dtype=torch.float64), 0.0
+
+
+def _run_cpu(
+    kernel: ModuleType,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    hyper: _Hyper,
+    *,
+    cache: bool = True,
+    dry_run: bool = False,
+) -> int:
+    """Call the C kernel on lists that may be one CPU dtype group; returns its status."""
+    clip = _cpu_clip(kernel, state_steps, hyper)
+    if clip is None:
+        return cast(int, kernel.NEEDS_GROUPING)
+    mode, table, exponent = clip
+    lr = hyper.lr
+    return cast(
+        int,
+        kernel.step(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, table, _cpu_scalar(grad_scale), _cpu_scalar(found_inf),
+            float(lr), hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps, exponent, mode,
+            hyper.decouple, hyper.maximize, torch.get_num_threads(), cache, dry_run,
+        ),
+    )
+
+
+def _lists(group: TensorGroup) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    return group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps
+
+
+def _contiguous_group(group: TensorGroup) -> tuple[TensorGroup, list[tuple[Tensor, Tensor]]]:
+    """The group with contiguous stand-ins for non-contiguous tensors, and the copy-backs."""
+    lists = [list(group.params), list(group.grads), list(group.exp_avgs), list(group.exp_avg_sqs)]
+    write_back: list[tuple[Tensor, Tensor]] = []
+    for i in range(len(group.params)):
+        if all(ts[i].is_contiguous() for ts in lists):
+            continue
+        for k, ts in enumerate(lists):
+            original = ts[i]
+            ts[i] = original.contiguous()
+            if k != 1 and ts[i] is not original:  # grads are only read
+                write_back.append((original, ts[i]))
+    return TensorGroup(*lists, group.steps), write_back
+
+
+def _check_supported(group: TensorGroup) -> None:
+    dtype = group.params[0].dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        names = ", ".join(sorted(str(d) for d in _SUPPORTED_DTYPES))
+        raise TypeError(f"fused ADOPT supports {names}; got {dtype}")
+
+
+def _plan_cpu(
+    groups: list[TensorGroup], grad_scale: Optional[Tensor], found_inf: Optional[Tensor], hyper: _Hyper
+) -> Callable[[], None]:
+    """Validate the CPU dtype groups and return the call that updates them all."""
+    for group in groups:
+        _check_supported(group)
+    kernel = _cpu_kernel()
+    if kernel is None:
+        return _plan_fallback(groups, grad_scale, found_inf, hyper)
+    calls: list[tuple[TensorGroup, list[tuple[Tensor, Tensor]]]] = []
+    for group in groups:
+        write_back: list[tuple[Tensor, Tensor]] = []
+        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, dry_run=True)
+        if status == kernel.NEEDS_CONTIGUOUS:
+            group, write_back = _contiguous_group(group)
+            status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, cache=False, dry_run=True)
+        if status != kernel.DONE:
+            raise ValueError(
+                "fused ADOPT: every grad, exp_avg, exp_avg_sq and step must be on its parameter's device "
+                "(steps as float32 scalars)"
+            )
+        calls.append((group, write_back))
+
+    def run() -> None:
+        for group, write_back in calls:
+            _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, cache=not write_back)
+            for original, copy in write_back:
+                original.copy_(copy)
+
+    return run
+
+
+def _plan_fallback(
+    groups: list[TensorGroup], grad_scale: Optional[Tensor], found_inf: Optional[Tensor], hyper: _Hyper
+) -> Callable[[], None]:
+    """The foreach path for the CPU groups when the C kernel is missing (AMP handled here)."""
+    _warn_fallback_once()
+    params, grads, exp_avgs, exp_avg_sqs, steps = ([t for ts in lists for t in ts] for lists in zip(*map(_lists, groups)))
+    lr = hyper.lr if hyper.capturable or not isinstance(hyper.lr, Tensor) else float(hyper.lr)
+
+    def run() -> None:
+        if found_inf is not None and float(found_inf) != 0.0:
+            return
+        unscaled = grads if grad_scale is None else list(torch._foreach_mul(grads, 1.0 / float(grad_scale)))
+        foreach_adopt(
+            params, unscaled, exp_avgs, exp_avg_sqs, steps, None, None,
+            has_complex=False, beta1=hyper.beta1, beta2=hyper.beta2, lr=lr, clip_lambda=hyper.clip_lambda,
+            weight_decay=hyper.weight_decay, decouple=hyper.decouple, eps=hyper.eps, maximize=hyper.maximize,
+            capturable=hyper.capturable, differentiable=False,
+        )
+
+    return run
+
+
+def _on_device(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def _plan_cuda(
+    group: TensorGroup, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], hyper: _Hyper
+) -> Callable[[], None]:
+    """A Triton launch for one CUDA group; steps, lr, clip and found_inf stay on the device."""
+    try:
+        from ._kernels import triton_adopt
+    except ImportError as exc:
+        raise RuntimeError(f"fused ADOPT on {group.device} needs the Triton kernel: {exc}") from exc
+    if not triton_adopt.triton_available():
+        raise RuntimeError(f"fused ADOPT on {group.device} needs triton (pip install triton)")
+    _check_supported(group)
+    group, write_back = _contiguous_group(group)
+    device = group.device
+    if not all(s.device == device and s.dtype == torch.float32 for s in group.steps):
+        raise ValueError(f"fused ADOPT needs float32 step tensors on {device} (create state with fused=True)")
+    clip_lambda = hyper.clip_lambda
+    clip: triton_adopt.Clip
+    if clip_lambda is None:
+        clip = None
+    elif isinstance(clip_lambda, PowerClip):
+        clip = ("power", clip_lambda.exponent)
+    else:
+        clip = ("tensor", device_thresholds(clip_lambda, group.steps).to(device, torch.float32))
+    lr = hyper.lr
+    if isinstance(lr, Tensor):
+        lr = lr.item() if lr.is_cpu else _on_device(lr, device)  # a CPU read is not a device sync
+    scale, inf = _on_device(grad_scale, device), _on_device(found_inf, device)
+
+    def run() -> None:
+        triton_adopt.launch_group(
+            group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
+            grad_scale=scale, found_inf=inf, beta1=hyper.beta1, beta2=hyper.beta2, lr=cast(Union[float, Tensor], lr),
+            clip=clip, weight_decay=hyper.weight_decay, decouple=hyper.decouple, eps=hyper.eps,
+            maximize=hyper.maximize,
+        )
+        for original, copy in write_back:
+            original.copy_(copy)
+
+    return run

@@ -1,0 +1,61 @@
+/*
+ * Fused ADOPT step on the CPU over raw pointers: every tensor of one dtype group is
+ * updated in a single call and a single pass over memory (read p, g, m, v; write p, m, v).
+ * No PyTorch headers: the caller passes data pointers, element counts and step pointers.
+ */
+#ifndef ADOPT_CPU_H
+#define ADOPT_CPU_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Storage type of p, g, m and v (all four share it). */
+typedef enum {
+    ADOPT_F32 = 0,
+    ADOPT_F64 = 1,
+    ADOPT_F16 = 2,  /* math in float32, stored as IEEE half */
+    ADOPT_BF16 = 3  /* math in float32, stored as bfloat16 */
+} adopt_dtype;
+
+/* How the clip threshold c(s) of each tensor is obtained. */
+typedef enum {
+    ADOPT_CLIP_NONE = 0,  /* no clamp */
+    ADOPT_CLIP_TABLE = 1, /* clip_table[i] is tensor i's threshold */
+    ADOPT_CLIP_POWER = 2  /* c = s ** clip_exponent, s = tensor i's step before this call */
+} adopt_clip_mode;
+
+typedef struct {
+    int64_t n_tensors;
+    void *const *p;          /* params, updated in place */
+    void *const *g;          /* grads, read only */
+    void *const *m;          /* exp_avg, updated in place */
+    void *const *v;          /* exp_avg_sq, updated in place */
+    const int64_t *numel;    /* elements per tensor (real elements for complex views) */
+    float *const *step;      /* per-tensor step counters (float32), incremented */
+    adopt_dtype dtype;
+    adopt_clip_mode clip_mode;
+    const double *clip_table; /* n_tensors entries, for ADOPT_CLIP_TABLE */
+    double clip_exponent;    /* for ADOPT_CLIP_POWER */
+    const float *grad_scale; /* AMP scale (gradients are divided by it) or NULL */
+    const float *found_inf;  /* AMP flag or NULL; nonzero: the call changes nothing */
+    double lr, beta1, beta2, weight_decay, eps;
+    int decouple;            /* decoupled (AdamW-style) weight decay instead of L2 */
+    int maximize;
+    int num_threads;         /* upper bound on OpenMP threads (<= 1: serial) */
+} adopt_cpu_args;
+
+/* Returns 0 on success (including a skipped step because of found_inf), -1 when the
+ * per-call scratch table cannot be allocated (nothing has been modified then). */
+int adopt_cpu_step(const adopt_cpu_args *args);
+
+/* Nonzero when the library was compiled with OpenMP. */
+int adopt_cpu_has_openmp(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ADOPT_CPU_H */

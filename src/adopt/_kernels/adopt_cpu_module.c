@@ -1,0 +1,540 @@
+/*
+ * CPython binding of the fused CPU kernel: adopt._kernels._adopt_cpu.
+ *
+ * step() takes the optimizer's tensor lists directly and reads each tensor's data pointer,
+ * size, dtype, device and contiguity through the tensor's own Python attributes, so the
+ * module needs no PyTorch headers. Everything is validated before the kernel runs: a call
+ * either changes nothing (it raises, or returns a status asking the caller to regroup or to
+ * make tensors contiguous) or runs the whole step.
+ *
+ * Fixed cost: a full validation is about 25 attribute reads per parameter. A small cache
+ * of "plans" remembers, per list of tensors, weak references to the 5n tensors with the
+ * data pointer and byte size each had when validated; when the same objects come back with
+ * the same pointers and sizes (every ordinary training step) only those two values are
+ * re-read. Any in-place change that could make the memory unsafe to use (.data = ..., set_,
+ * resize_, storage resize, a new state tensor) changes the object, the pointer or the size
+ * and triggers a full validation. Weak references keep no tensor alive.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "adopt_cpu.h"
+
+/* Status codes returned by step(). */
+#define STATUS_DONE 0
+#define STATUS_NEEDS_GROUPING 1   /* params of several dtypes or a tensor off the CPU */
+#define STATUS_NEEDS_CONTIGUOUS 2 /* some tensor is not contiguous */
+
+#define N_LISTS 5 /* params, grads, exp_avgs, exp_avg_sqs, state_steps */
+#define N_PLANS 8
+
+/* torch._C.TensorBase's own descriptors, called directly: no per-call attribute lookup,
+ * and a TypeError for anything that is not a tensor. */
+static PyObject *attr_data_ptr, *attr_is_contiguous; /* method descriptors */
+static PyObject *attr_nbytes, *attr_dtype, *attr_is_cpu; /* getset descriptors */
+/* torch.float32, torch.float64, torch.float16, torch.bfloat16 in adopt_dtype order. */
+static PyObject *torch_dtypes[4];
+static const int64_t itemsizes[4] = {4, 8, 2, 2};
+static const char *const list_names[N_LISTS] = {"params", "grads", "exp_avgs", "exp_avg_sqs",
+                                                "state_steps"};
+
+/* ---- attribute helpers (each returns -1 with an exception set on failure) ------------ */
+
+static int truth(PyObject *r) {
+    if (r == NULL) return -1;
+    const int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return v;
+}
+
+static PyObject *get(PyObject *getset, PyObject *t) {
+    return Py_TYPE(getset)->tp_descr_get(getset, t, (PyObject *)Py_TYPE(t));
+}
+
+static PyObject *call(PyObject *method, PyObject *t) {
+    return PyObject_Vectorcall(method, &t, 1, NULL);
+}
+
+static int is_cpu(PyObject *t) { return truth(get(attr_is_cpu, t)); }
+
+static int is_contiguous(PyObject *t) { return truth(call(attr_is_contiguous, t)); }
+
+static int as_int64(PyObject *r, int64_t *out) {
+    if (r == NULL) return -1;
+    *out = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int nbytes_of(PyObject *t, int64_t *out) {
+    return as_int64(get(attr_nbytes, t), out);
+}
+
+static int data_ptr_of(PyObject *t, void **out) {
+    int64_t v;
+    if (as_int64(call(attr_data_ptr, t), &v) < 0) return -1;
+    *out = (void *)(intptr_t)v;
+    return 0;
+}
+
+/* Index of the tensor's dtype in torch_dtypes, 4 if unsupported. */
+static int dtype_index(PyObject *t) {
+    PyObject *d = get(attr_dtype, t);
+    if (d == NULL) return -1;
+    int k = 0;
+    while (k < 4 && d != torch_dtypes[k]) k++;
+    Py_DECREF(d);
+    return k;
+}
+
+/* Pointer of a contiguous CPU tensor of dtype index `k` with `count` elements, else
+ * ValueError. */
+static int buffer_of(PyObject *t, int k, int64_t count, const char *name, void **out) {
+    const int cpu = is_cpu(t);
+    if (cpu < 0) return -1;
+    const int kt = dtype_index(t);
+    if (kt < 0) return -1;
+    int64_t nbytes;
+    if (nbytes_of(t, &nbytes) < 0) return -1;
+    const int ok = cpu && kt == k && nbytes == itemsizes[k] * count ? is_contiguous(t) : 0;
+    if (ok < 0) return -1;
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "%s must be a contiguous %s CPU tensor with %lld element(s)",
+                     name, k == ADOPT_F32 ? "float32" : "float64", (long long)count);
+        return -1;
+    }
+    return data_ptr_of(t, out);
+}
+
+static int float_buffer(PyObject *t, const char *name, float **out) {
+    return buffer_of(t, ADOPT_F32, 1, name, (void **)out);
+}
+
+/* ---- the per-call table ---------------------------------------------------------------- */
+
+typedef struct {
+    Py_ssize_t n;
+    int dtype;
+    void **ptrs;     /* N_LISTS * n data pointers, list-major */
+    int64_t *nbytes; /* 4 * n byte sizes of params, grads, exp_avgs, exp_avg_sqs, then */
+    int64_t *numel;  /* n element counts (same allocation) */
+} table_t;
+
+static int table_alloc(table_t *t, Py_ssize_t n) {
+    t->n = n;
+    t->dtype = -1;
+    t->ptrs = (void **)malloc((size_t)n * N_LISTS * sizeof(void *));
+    t->nbytes = (int64_t *)malloc((size_t)n * 5 * sizeof(int64_t));
+    t->numel = t->nbytes == NULL ? NULL : t->nbytes + 4 * (size_t)n;
+    if (t->ptrs == NULL || t->nbytes == NULL) {
+        free(t->ptrs);
+        free(t->nbytes);
+        t->ptrs = NULL;
+        t->nbytes = NULL;
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void table_free(table_t *t) {
+    free(t->ptrs);
+    free(t->nbytes);
+    t->ptrs = NULL;
+    t->nbytes = NULL;
+    t->n = 0;
+}
+
+/*
+ * Validates entry i of list l (l >= 1) against its param (dtype index and byte size taken
+ * from the table) and records its pointer and size. Returns a status or -1.
+ */
+static int check_entry(PyObject **items[N_LISTS], int l, Py_ssize_t i, table_t *t) {
+    const size_t j = (size_t)l * t->n + i;
+    PyObject *x = items[l][i];
+    if (l == 4) return float_buffer(x, "each state step", (float **)&t->ptrs[j]) < 0 ? -1 : STATUS_DONE;
+    const int cpu = is_cpu(x);
+    if (cpu < 0) return -1;
+    if (!cpu) return STATUS_NEEDS_GROUPING;
+    const int k = dtype_index(x);
+    if (k < 0) return -1;
+    if (nbytes_of(x, &t->nbytes[j]) < 0) return -1;
+    if (k != t->dtype || t->nbytes[j] != t->nbytes[i]) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd] does not match params[%zd] in dtype or size",
+                     list_names[l], i, i);
+        return -1;
+    }
+    const int contiguous = is_contiguous(x);
+    if (contiguous < 0) return -1;
+    if (!contiguous) return STATUS_NEEDS_CONTIGUOUS;
+    return data_ptr_of(x, &t->ptrs[j]) < 0 ? -1 : STATUS_DONE;
+}
+
+/*
+ * Full validation of all lists into `t`: params of one supported dtype, every tensor on
+ * the CPU, contiguous, of its param's dtype and size; steps contiguous float32 CPU
+ * scalars. Returns a status or -1.
+ */
+static int validate(PyObject **items[N_LISTS], table_t *t) {
+    const Py_ssize_t n = t->n;
+    t->dtype = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = items[0][i];
+        const int k = dtype_index(p);
+        if (k < 0) return -1;
+        if (t->dtype < 0) {
+            if (k == 4) {
+                PyErr_Format(PyExc_TypeError,
+                             "params[%zd]: the fused CPU kernel supports float64, float32, "
+                             "float16 and bfloat16 tensors",
+                             i);
+                return -1;
+            }
+            t->dtype = k;
+        } else if (k != t->dtype) {
+            return STATUS_NEEDS_GROUPING;
+        }
+        const int cpu = is_cpu(p);
+        if (cpu < 0) return -1;
+        if (!cpu) return STATUS_NEEDS_GROUPING;
+        if (nbytes_of(p, &t->nbytes[i]) < 0) return -1;
+        t->numel[i] = t->nbytes[i] / itemsizes[k];
+        const int contiguous = is_contiguous(p);
+        if (contiguous < 0) return -1;
+        if (!contiguous) return STATUS_NEEDS_CONTIGUOUS;
+        if (data_ptr_of(p, &t->ptrs[i]) < 0) return -1;
+    }
+    for (int l = 1; l < N_LISTS; l++) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const int status = check_entry(items, l, i, t);
+            if (status != STATUS_DONE) return status;
+        }
+    }
+    return STATUS_DONE;
+}
+
+/* ---- plan cache ---------------------------------------------------------------------- */
+
+typedef struct {
+    table_t table;   /* table.n == 0: empty slot */
+    PyObject **refs; /* N_LISTS * n weak references to the validated tensors */
+} plan_t;
+
+static plan_t plans[N_PLANS];
+static int next_victim;
+
+static PyObject *ref_target(PyObject *ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj = NULL;
+    if (PyWeakref_GetRef(ref, &obj) < 0) PyErr_Clear();
+    Py_XDECREF(obj); /* only compared by identity with a live object */
+    return obj;
+#else
+    return PyWeakref_GET_OBJECT(ref);
+#endif
+}
+
+static void plan_clear(plan_t *plan) {
+    const size_t count = (size_t)plan->table.n * N_LISTS;
+    for (size_t j = 0; plan->refs != NULL && j < count; j++) Py_XDECREF(plan->refs[j]);
+    free(plan->refs);
+    plan->refs = NULL;
+    table_free(&plan->table);
+}
+
+/* The cached plan whose first param is `first` (a plan for a list of n tensors), or NULL. */
+static plan_t *plan_find(PyObject *first, Py_ssize_t n) {
+    for (int s = 0; s < N_PLANS; s++)
+        if (plans[s].table.n == n && ref_target(plans[s].refs[0]) == first) return &plans[s];
+    return NULL;
+}
+
+/*
+ * Whether entry j still is the same object with the same data pointer (and, for params,
+ * byte size). State tensors and gradients are not resized in place by anything in torch's
+ * training loop; a param may be (pruning, resize_), and then its state no longer matches.
+ */
+static int entry_unchanged(const plan_t *plan, int l, size_t j, PyObject *x) {
+    if (ref_target(plan->refs[j]) != x) return 0;
+    void *ptr;
+    if (data_ptr_of(x, &ptr) < 0) return -1;
+    if (ptr != plan->table.ptrs[j]) return 0;
+    if (l != 0) return 1;
+    int64_t nbytes;
+    if (nbytes_of(x, &nbytes) < 0) return -1;
+    return nbytes == plan->table.nbytes[j];
+}
+
+/*
+ * Brings a plan up to date with the lists. Every param must be unchanged; any other entry
+ * that changed (a fresh gradient after zero_grad(set_to_none=True), a loaded state) is
+ * validated on its own and its record replaced. Returns 1 when the plan now describes the
+ * lists, 0 when it had to be dropped (validate from scratch), -1 on error (plan dropped).
+ */
+static int plan_refresh(plan_t *plan, PyObject **items[N_LISTS]) {
+    table_t *t = &plan->table;
+    const Py_ssize_t n = t->n;
+    int rc = 1;
+    for (int l = 0; l < N_LISTS && rc == 1; l++) {
+        for (Py_ssize_t i = 0; i < n && rc == 1; i++) {
+            const size_t j = (size_t)l * n + i;
+            PyObject *x = items[l][i];
+            const int same = entry_unchanged(plan, l, j, x);
+            if (same != 0) {
+                rc = same;
+                continue;
+            }
+            const int status = l == 0 ? STATUS_NEEDS_GROUPING : check_entry(items, l, i, t);
+            if (status != STATUS_DONE) {
+                rc = status < 0 ? -1 : 0;
+                continue;
+            }
+            PyObject *ref = PyWeakref_NewRef(x, NULL);
+            if (ref == NULL) {
+                PyErr_Clear();
+                rc = 0;
+                continue;
+            }
+            Py_SETREF(plan->refs[j], ref);
+        }
+    }
+    if (rc != 1) plan_clear(plan);
+    return rc;
+}
+
+/* Stores a validated table (taking ownership) as the plan for these lists. */
+static void plan_store(plan_t *slot, table_t *table, PyObject **items[N_LISTS]) {
+    const Py_ssize_t n = table->n;
+    PyObject **refs = (PyObject **)calloc((size_t)n * N_LISTS, sizeof(PyObject *));
+    if (refs == NULL) return; /* caching is optional */
+    for (size_t j = 0; j < (size_t)n * N_LISTS; j++) {
+        refs[j] = PyWeakref_NewRef(items[j / n][j % n], NULL);
+        if (refs[j] == NULL) { /* not weak-referenceable: do not cache */
+            PyErr_Clear();
+            for (size_t k = 0; k < j; k++) Py_DECREF(refs[k]);
+            free(refs);
+            return;
+        }
+    }
+    plan_clear(slot);
+    slot->table = *table;
+    slot->refs = refs;
+    table->ptrs = NULL;
+    table->nbytes = NULL;
+    table->n = 0;
+}
+
+/* ---- step() -------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(step_doc,
+             "step(params, grads, exp_avgs, exp_avg_sqs, state_steps, clip_table, grad_scale,\n"
+             "     found_inf, lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode,\n"
+             "     decouple, maximize, num_threads, cache, dry_run) -> int\n\n"
+             "One fused ADOPT step over CPU tensors of one dtype (float32/64, float16, "
+             "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS without changing "
+             "anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
+             "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). cache: "
+             "remember the\nvalidated tensors for the next call (pass False for temporary "
+             "views). dry_run:\nvalidate only (same result, nothing runs).");
+
+static PyObject *py_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *lists[N_LISTS], *clip_table, *grad_scale, *found_inf;
+    double lr, beta1, beta2, weight_decay, eps, clip_exponent;
+    int clip_mode, decouple, maximize, num_threads, cache, dry_run;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOddddddippipp:step", &lists[0], &lists[1], &lists[2],
+                          &lists[3], &lists[4], &clip_table, &grad_scale, &found_inf, &lr, &beta1,
+                          &beta2, &weight_decay, &eps, &clip_exponent, &clip_mode, &decouple,
+                          &maximize, &num_threads, &cache, &dry_run))
+        return NULL;
+    if (clip_mode < ADOPT_CLIP_NONE || clip_mode > ADOPT_CLIP_POWER)
+        return PyErr_Format(PyExc_ValueError, "unknown clip_mode %d", clip_mode);
+
+    PyObject *fast[N_LISTS] = {NULL, NULL, NULL, NULL, NULL};
+    PyObject **items[N_LISTS];
+    table_t table = {0, -1, NULL, NULL, NULL};
+    PyObject *result = NULL;
+    Py_ssize_t n = 0;
+    for (int l = 0; l < N_LISTS; l++) {
+        fast[l] = PySequence_Fast(lists[l], "tensor lists must be lists or tuples");
+        if (fast[l] == NULL) goto done;
+        if (l > 0 && PySequence_Fast_GET_SIZE(fast[l]) != n) {
+            PyErr_Format(PyExc_ValueError, "%s has %zd entries but params has %zd",
+                         list_names[l], PySequence_Fast_GET_SIZE(fast[l]), n);
+            goto done;
+        }
+        n = PySequence_Fast_GET_SIZE(fast[l]);
+        items[l] = PySequence_Fast_ITEMS(fast[l]);
+    }
+    if (n == 0) {
+        result = PyLong_FromLong(STATUS_DONE);
+        goto done;
+    }
+
+    if (table_alloc(&table, n) < 0) goto done;
+    plan_t *plan = cache ? plan_find(items[0][0], n) : NULL;
+    plan_t *slot = plan;
+    const int hit = plan != NULL ? plan_refresh(plan, items) : 0;
+    if (hit < 0) goto done;
+    if (hit) {
+        /* The kernel gets a copy: the cache may change once the GIL is released. */
+        memcpy(table.ptrs, plan->table.ptrs, (size_t)n * N_LISTS * sizeof(void *));
+        memcpy(table.numel, plan->table.numel, (size_t)n * sizeof(int64_t));
+        table.dtype = plan->table.dtype;
+    } else {
+        const int status = validate(items, &table);
+        if (status < 0) goto done;
+        if (status != STATUS_DONE) {
+            result = PyLong_FromLong(status);
+            goto done;
+        }
+    }
+
+    adopt_cpu_args a = {
+        .n_tensors = n,
+        .p = table.ptrs,
+        .g = table.ptrs + n,
+        .m = table.ptrs + 2 * (size_t)n,
+        .v = table.ptrs + 3 * (size_t)n,
+        .numel = table.numel,
+        .step = (float *const *)(table.ptrs + 4 * (size_t)n),
+        .dtype = (adopt_dtype)table.dtype,
+        .clip_mode = (adopt_clip_mode)clip_mode,
+        .clip_table = NULL,
+        .clip_exponent = clip_exponent,
+        .grad_scale = NULL,
+        .found_inf = NULL,
+        .lr = lr,
+        .beta1 = beta1,
+        .beta2 = beta2,
+        .weight_decay = weight_decay,
+        .eps = eps,
+        .decouple = decouple,
+        .maximize = maximize,
+        .num_threads = num_threads,
+    };
+    if (clip_mode == ADOPT_CLIP_TABLE &&
+        buffer_of(clip_table, ADOPT_F64, n, "clip_table", (void **)&a.clip_table) < 0)
+        goto done;
+    if (grad_scale != Py_None && float_buffer(grad_scale, "grad_scale", (float **)&a.grad_scale) < 0)
+        goto done;
+    if (found_inf != Py_None && float_buffer(found_inf, "found_inf", (float **)&a.found_inf) < 0)
+        goto done;
+
+    /* The kernel only reads this call's own table, so the GIL can be released. */
+    int rc = 0;
+    if (!dry_run) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = adopt_cpu_step(&a);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (cache && !hit) {
+        if (slot == NULL) {
+            slot = &plans[next_victim];
+            next_victim = (next_victim + 1) % N_PLANS;
+        }
+        plan_store(slot, &table, items);
+    }
+    result = PyLong_FromLong(STATUS_DONE);
+
+done:
+    table_free(&table);
+    for (int l = 0; l < N_LISTS; l++) Py_XDECREF(fast[l]);
+    return result;
+}
+
+PyDoc_STRVAR(host_steps_doc,
+             "host_steps(state_steps) -> list[int] | None\n\n"
+             "The step counts as ints, or None unless every step is a float32 CPU scalar.");
+
+static PyObject *py_host_steps(PyObject *self, PyObject *steps) {
+    (void)self;
+    PyObject *fast = PySequence_Fast(steps, "state_steps must be a list or tuple");
+    if (fast == NULL) return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        float *ptr;
+        if (float_buffer(items[i], "each state step", &ptr) < 0) {
+            Py_CLEAR(out);
+            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyErr_Clear();
+                out = Py_NewRef(Py_None);
+            }
+            break;
+        }
+        PyObject *v = PyLong_FromLongLong((long long)*ptr);
+        if (v == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, v);
+    }
+    Py_DECREF(fast);
+    return out;
+}
+
+static PyObject *py_has_openmp(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(adopt_cpu_has_openmp());
+}
+
+static PyObject *py_clear_cache(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    for (int s = 0; s < N_PLANS; s++) plan_clear(&plans[s]);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"step", py_step, METH_VARARGS, step_doc},
+    {"host_steps", py_host_steps, METH_O, host_steps_doc},
+    {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
+    {"clear_cache", py_clear_cache, METH_NOARGS, "Forget every cached plan."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_adopt_cpu",
+    .m_doc = "Fused ADOPT step for CPU tensors (C, OpenMP).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__adopt_cpu(void) {
+    static const char *dtype_names[4] = {"float32", "float64", "float16", "bfloat16"};
+    PyObject *torch = PyImport_ImportModule("torch");
+    if (torch == NULL) return NULL;
+    PyObject *c = PyObject_GetAttrString(torch, "_C");
+    PyObject *base = c == NULL ? NULL : PyObject_GetAttrString(c, "TensorBase");
+    Py_XDECREF(c);
+    int ok = base != NULL;
+    for (int k = 0; ok && k < 4; k++) ok = (torch_dtypes[k] = PyObject_GetAttrString(torch, dtype_names[k])) != NULL;
+    ok = ok && (attr_data_ptr = PyObject_GetAttrString(base, "data_ptr")) != NULL &&
+         (attr_is_contiguous = PyObject_GetAttrString(base, "is_contiguous")) != NULL &&
+         (attr_nbytes = PyObject_GetAttrString(base, "nbytes")) != NULL &&
+         (attr_dtype = PyObject_GetAttrString(base, "dtype")) != NULL &&
+         (attr_is_cpu = PyObject_GetAttrString(base, "is_cpu")) != NULL;
+    Py_XDECREF(base);
+    Py_DECREF(torch);
+    if (!ok) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "DONE", STATUS_DONE) ||
+        PyModule_AddIntConstant(m, "NEEDS_GROUPING", STATUS_NEEDS_GROUPING) ||
+        PyModule_AddIntConstant(m, "NEEDS_CONTIGUOUS", STATUS_NEEDS_CONTIGUOUS) ||
+        PyModule_AddIntConstant(m, "CLIP_NONE", ADOPT_CLIP_NONE) ||
+        PyModule_AddIntConstant(m, "CLIP_TABLE", ADOPT_CLIP_TABLE) ||
+        PyModule_AddIntConstant(m, "CLIP_POWER", ADOPT_CLIP_POWER)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,363 @@
+"""``adopt bench``: time one optimizer step of every ADOPT path against torch's AdamW.
+
+For each case ("N parameters split into T tensors") it measures, in one run and on the
+same tensors' sizes:
+
+* ``adopt-single``, ``adopt-foreach``, ``adopt-fused``: ``ADOPT(...).step()`` with
+  ``foreach=False``, ``foreach=True`` and ``fused=True``;
+* ``adamw-foreach``, ``adamw-fused``: ``torch.optim.AdamW`` the same two ways;
+* the memory-bandwidth roofline: a minimal optimizer step reads p, g, m, v and writes p,
+  m, v (7 values per element, 28 bytes in float32). The bandwidth is measured with an
+  in-place add ``x.add_(y)`` over one flat tensor of the same total size (3 values per
+  element moved), so ``roofline = t_add * 7 / 3``.
+
+Every path gets fresh tensors, takes warm-up steps (ADOPT's first step only initialises
+its state, so it is never timed), then ``--repeats`` timed steps; the table reports the
+median (and min) with ratios to the roofline and to ``AdamW(fused=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused")
+DEFAULT_SIZES = "1M:200,50M:10"
+QUICK_SIZES = "200k:50,2M:4"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+DESCRIPTION = """\
+Time one optimizer step of every ADOPT path (single-tensor, foreach, fused) and of
+torch.optim.AdamW (foreach, fused) on this machine, next to the memory-bandwidth roofline.
+
+An optimizer step is memory-bound: it reads params, grads and both moments and writes
+params and moments, 7 values per element (28 bytes in float32). The roofline is that
+traffic at the bandwidth of an in-place add over one flat tensor of the same size,
+measured in the same run. A ratio of 1.0 to the roofline is as fast as memory allows.
+
+Default cases: 1M parameters in 200 tensors (fixed per-step cost dominates) and 50M
+parameters in 10 tensors (bandwidth dominates). --quick runs two small cases in seconds.
+"""
+
+EPILOG = """\
+examples:
+  python -m adopt bench                       the two default cases on the CPU
+  python -m adopt bench --threads 2           limit torch (and the fused kernel) to 2 threads
+  python -m adopt bench --sizes 10M:100       one case: 10M parameters in 100 tensors
+  python -m adopt bench --device cuda         on the GPU (needs triton for adopt-fused)
+  python -m adopt bench --quick --out b.json  a quick smoke run, results in b.json
+"""
+
+
+def _size(text: str) -> int:
+    text = text.strip().lower()
+    scale = _SUFFIXES.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in _SUFFIXES else text
+    value = float(number) * scale
+    if value < 1 or value != int(value):
+        raise ValueError(text)
+    return int(value)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"1M:200,50M:10"`` -> ``[(1_000_000, 200), (50_000_000, 10)]``."""
+    cases = []
+    for item in text.split(","):
+        try:
+            total, tensors = (_size(part) for part in item.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad case {item!r}: expected PARAMS:TENSORS such as 1M:200 (suffixes k, M, G)"
+            ) from None
+        if tensors > total:
+            raise argparse.ArgumentTypeError(f"bad case {item!r}: more tensors than parameters")
+        cases.append((total, tensors))
+    return cases
+
+
+def _paths(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in PATHS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown path(s) {unknown or text!r}; choose from {', '.join(PATHS)}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options to ``parser`` (used by ``adopt bench``)."""
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--device", default="cpu", help="where the tensors live: cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="CPU threads for torch and the fused kernel (torch.set_num_threads; default: torch's default)",
+    )
+    parser.add_argument(
+        "--sizes", type=parse_sizes, default=None, metavar="PARAMS:TENSORS[,...]",
+        help=f"cases to run, total parameters and number of equal tensors (default: {DEFAULT_SIZES}; "
+        f"--quick: {QUICK_SIZES})",
+    )
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=None,
+        help="timed steps per path; the median is reported (default: 50 for cases up to 10M "
+        "parameters, 10 above; --quick: 3)",
+    )
+    parser.add_argument("--warmup", type=_positive_int, default=3, help="untimed steps before timing (default: 3)")
+    parser.add_argument(
+        "--paths", type=_paths, default=PATHS, metavar="NAME[,...]",
+        help=f"which optimizers to time (default: all of {', '.join(PATHS)})",
+    )
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype (default: float32)")
+    parser.add_argument("--quick", action="store_true", help="small cases and 3 repeats: a smoke run in seconds")
+    parser.add_argument(
+        "--out", type=Path, default=Path("adopt-bench") / "bench.json",
+        help="where to write the JSON results (default: adopt-bench/bench.json)",
+    )
+
+
+class _Timer:
+    """Wall time of a callable on the CPU, or CUDA event time on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        """Milliseconds ``fn`` takes."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+def _tensor_sizes(total: int, tensors: int) -> list[int]:
+    base, extra = divmod(total, tensors)
+    return [base + (i < extra) for i in range(tensors)]
+
+
+def _make_optimizer(path: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    from adopt import ADOPT
+
+    if path == "adopt-single":
+        return ADOPT(params, foreach=False)
+    if path == "adopt-foreach":
+        return ADOPT(params, foreach=True)
+    if path == "adopt-fused":
+        return ADOPT(params, fused=True)
+    if path == "adamw-foreach":
+        return torch.optim.AdamW(params, foreach=True)
+    return torch.optim.AdamW(params, fused=True)
+
+
+def _time_path(
+    path: str, sizes: list[int], device: torch.device, dtype: torch.dtype, warmup: int, repeats: int, timer: _Timer
+) -> list[float]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(device, dtype)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+    optimizer = _make_optimizer(path, params)
+    for _ in range(warmup + 1):  # +1: ADOPT's first step only initialises v
+        optimizer.step()
+    timer.sync()
+    return [timer(optimizer.step) for _ in range(repeats)]
+
+
+def measure_roofline(
+    total: int, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int, timer: _Timer
+) -> dict[str, float]:
+    """Bandwidth of ``x.add_(y)`` over ``total`` elements and the step time it implies."""
+    x = torch.ones(total, device=device, dtype=dtype)
+    y = torch.ones(total, device=device, dtype=dtype)
+    for _ in range(warmup):
+        x.add_(y)
+    timer.sync()
+    add_ms = statistics.median(timer(lambda: x.add_(y)) for _ in range(repeats))
+    itemsize = x.element_size()
+    return {
+        "add_ms": add_ms,
+        "bandwidth_gb_s": 3 * itemsize * total / (add_ms * 1e-3) / 1e9,
+        "roofline_ms": add_ms * 7 / 3,
+        "bytes_per_element": 7 * itemsize,
+    }
+
+
+def _progress(total: int) -> Callable[[str], None]:
+    """Advance a tqdm bar when tqdm is installed, else print one line per measurement."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        counter = iter(range(1, total + 1))
+        return lambda label: print(f"[{next(counter)}/{total}] {label}", file=sys.stderr, flush=True)
+    bar = tqdm(total=total, unit="run", file=sys.stderr, leave=False)
+
+    def advance(label: str) -> None:
+        bar.set_description(label)
+        bar.update()
+        if bar.n == total:
+            bar.close()
+
+    return advance
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    from adopt._fused import fused_cpu_available
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fused_cpu_kernel": fused_cpu_available(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_cases(
+    cases: list[tuple[int, int]],
+    paths: Iterable[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: Optional[int],
+    quick: bool,
+) -> list[dict[str, Any]]:
+    """Measure every path and the roofline for each case; errors are recorded, not raised."""
+    paths = tuple(paths)
+    timer = _Timer(device)
+    advance = _progress(len(cases) * (len(paths) + 1))
+    results = []
+    for total, tensors in cases:
+        reps = repeats or (3 if quick else 50 if total <= 10_000_000 else 10)
+        sizes = _tensor_sizes(total, tensors)
+        roofline = measure_roofline(total, device, dtype, warmup, max(reps, 10), timer)
+        advance(f"{_fmt(total)}/{tensors} roofline")
+        rows = []
+        for path in paths:
+            row: dict[str, Any] = {"path": path}
+            try:
+                times = _time_path(path, sizes, device, dtype, warmup, reps, timer)
+            except Exception as exc:  # a path that cannot run here (no triton, ...) is reported
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            else:
+                row.update(median_ms=statistics.median(times), min_ms=min(times), times_ms=times)
+            rows.append(row)
+            advance(f"{_fmt(total)}/{tensors} {path}")
+        reference = next((r for r in rows if r["path"] == "adamw-fused" and "median_ms" in r), None)
+        for row in rows:
+            if "median_ms" in row:
+                row["vs_roofline"] = row["median_ms"] / roofline["roofline_ms"]
+                if reference is not None:
+                    row["vs_adamw_fused"] = row["median_ms"] / reference["median_ms"]
+        results.append({"params": total, "tensors": tensors, "repeats": reps, "roofline": roofline, "results": rows})
+    return results
+
+
+def _fmt(n: int) -> str:
+    """1000000 -> "1M", 200000 -> "200k"."""
+    for suffix, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale:
+            return f"{n / scale:g}{suffix}"
+    return str(n)
+
+
+def format_table(cases: list[dict[str, Any]]) -> str:
+    """The human-readable summary printed after a run."""
+    lines = []
+    header = f"{'case':<14}{'path':<16}{'median ms':>11}{'min ms':>10}{'x roofline':>12}{'x AdamW fused':>15}"
+    for case in cases:
+        roof = case["roofline"]
+        label = f"{_fmt(case['params'])}/{case['tensors']}"
+        lines.append(
+            f"{label}: roofline {roof['roofline_ms']:.3f} ms ({roof['bytes_per_element']} B/element at "
+            f"{roof['bandwidth_gb_s']:.1f} GB/s, in-place add {roof['add_ms']:.3f} ms), "
+            f"median of {case['repeats']} steps"
+        )
+        lines.append(header)
+        for row in case["results"]:
+            if "error" in row:
+                lines.append(f"{label:<14}{row['path']:<16}  failed: {row['error']}")
+                continue
+            vs_adamw = f"{row['vs_adamw_fused']:.2f}" if "vs_adamw_fused" in row else "-"
+            lines.append(
+                f"{label:<14}{row['path']:<16}{row['median_ms']:>11.3f}{row['min_ms']:>10.3f}"
+                f"{row['vs_roofline']:>12.2f}{vs_adamw:>15}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; prints the table, writes JSON, returns 0."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("adopt bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    dtype = DTYPES[args.dtype]
+    results = run_cases(cases, args.paths, device, dtype, args.warmup, args.repeats, args.quick)
+    report = {
+        "machine": _machine(device),
+        "config": {"device": str(device), "dtype": args.dtype, "warmup": args.warmup, "quick": args.quick},
+        "cases": results,
+    }
+    print(format_table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {args.out}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m adopt.bench``: the same options as ``adopt bench``."""
+    parser = argparse.ArgumentParser(prog="python -m adopt.bench")
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
