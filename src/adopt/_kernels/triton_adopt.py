@@ -155,7 +155,11 @@ if triton is not None:
             full = start + BLOCK <= numel
 
             if grad_scale_ptr is not None:
-                inv_scale = 1.0 / tl.load(grad_scale_ptr).to(COMPUTE)
+                scale = tl.load(grad_scale_ptr).to(COMPUTE)
+                if COMPUTE == tl.float64:
+                    inv_scale = 1.0 / scale
+                else:
+                    inv_scale = tl.div_rn(tl.full((), 1.0, COMPUTE), scale)
             else:
                 inv_scale = None
             wd = tl.full((), weight_decay, COMPUTE)
