@@ -1,0 +1,274 @@
+"""Turn the demo's numbers into a stdout table, a plain-language reading, and a figure.
+
+Every sentence of the reading is computed from the results, so it stays true for any
+``--steps``/``--seeds``/``--epochs``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .toy import BETA2S, CLIP_CATCH_UP_STEP, K, TURN_TOLERANCE, OPTIMIZERS as TOY_OPTIMIZERS
+
+NEAR = 0.5  # |mean θ| beyond this counts as "near" an end of [-1, 1]
+COLORS = {
+    "Adam": "tab:red",
+    "AMSGrad": "tab:orange",
+    "ADOPT (no clip)": "tab:blue",
+    "ADOPT (default clip)": "tab:cyan",
+    "ADOPT": "tab:blue",
+    "AdamW": "tab:purple",
+}
+# AdamW differs from Adam only by a small decoupled weight decay; dashes keep it visible on top.
+LINESTYLES = {"AdamW": "--"}
+
+
+def _pm(mean: float, std: float, digits: int = 2, sign: bool = False) -> str:
+    """``mean +- std`` with a fixed number of decimals."""
+    fmt = f"{'+' if sign else ''}.{digits}f"
+    return f"{mean:{fmt}} +- {std:.{digits}f}"
+
+
+def toy_table(toy: dict[str, Any]) -> str:
+    """Final θ per optimizer (rows) and β2 (columns)."""
+    setup = toy["setup"]
+    lines = [
+        f"Toy problem: final theta after {setup['steps']} steps, mean +- std over {setup['seeds']} seeds"
+        " (optimum -1, wrong end +1)",
+        f"{'optimizer':<22}" + "".join(f"{'beta2=' + str(b):>17}" for b in BETA2S),
+    ]
+    for name in TOY_OPTIMIZERS:
+        cells = [toy["optimizers"][name][str(b)] for b in BETA2S]
+        lines.append(f"{name:<22}" + "".join(f"{_pm(c['final_mean'], c['final_std'], sign=True):>17}" for c in cells))
+    return "\n".join(lines)
+
+
+def digits_table(digits: dict[str, Any]) -> str:
+    """Test accuracy and final training loss per optimizer (rows) and setting (columns)."""
+    setup = digits["setup"]
+    settings = list(digits["settings"])
+    lines = [
+        f"Digits MLP: test accuracy (%) mean +- std over {setup['seeds']} seeds after {setup['epochs']} epochs,"
+        " and final training loss (mean)",
+        f"{'optimizer':<10}" + "".join(f"{s:>34}" for s in settings),
+    ]
+    for name in digits["results"][settings[0]]:
+        cells = []
+        for s in settings:
+            r = digits["results"][s][name]
+            acc = _pm(100 * r["test_accuracy_mean"], 100 * r["test_accuracy_std"])
+            cells.append(f"{acc}  loss {r['train_loss_mean'][-1]:.2e}")
+        lines.append(f"{name:<10}" + "".join(f"{c:>34}" for c in cells))
+    return "\n".join(lines)
+
+
+def _where(theta: float) -> str:
+    """Which end of [-1, 1] a final mean θ counts as near."""
+    if theta < -NEAR:
+        return "near -1 (the optimum)"
+    if theta > NEAR:
+        return "near +1 (the wrong end)"
+    return "in between"
+
+
+def _paired_lag(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over seeds and its standard error (0 for a single seed)."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def toy_reading(toy: dict[str, Any]) -> list[str]:
+    """Where each optimizer ends, and whether and why the default clip makes ADOPT lag."""
+    res = toy["optimizers"]
+    steps = toy["setup"]["steps"]
+    lines = [f"Toy problem (f(theta) = theta on [-1, 1]; 'near' means |mean theta| > {NEAR}):"]
+    for name in TOY_OPTIMIZERS:
+        groups: dict[str, list[str]] = {}
+        for b in BETA2S:
+            cell = res[name][str(b)]
+            groups.setdefault(_where(cell["final_mean"]), []).append(f"{b} ({cell['final_mean']:+.2f})")
+        parts = [f"{where} at beta2 = {', '.join(items)}" for where, items in groups.items()]
+        lines.append(f"  {name}: " + "; ".join(parts) + ".")
+
+    # "lags": ends above unclipped ADOPT by more than two standard errors of the paired gap
+    lagging = []
+    for b in BETA2S:
+        gap, se = _paired_lag(res["ADOPT (default clip)"][str(b)]["final"], res["ADOPT (no clip)"][str(b)]["final"])
+        if gap > 2 * se:
+            lagging.append((b, gap))
+    if toy["setup"]["seeds"] < 2:
+        lines.append("  (One seed: the comparisons below have no error estimate.)")
+    if steps < CLIP_CATCH_UP_STEP:
+        lines.append(f"  This run stopped before step {CLIP_CATCH_UP_STEP}; use more --steps to see the clip catch up.")
+    if not lagging:
+        lines.append(
+            "  ADOPT with the default clip does not end measurably above unclipped ADOPT at any beta2 in this run."
+        )
+        return lines
+    lines.append(
+        "  ADOPT with the default clip ends above (behind) unclipped ADOPT at beta2 = "
+        + ", ".join(f"{b} (by {gap:.2f})" for b, gap in lagging)
+        + "."
+    )
+    lines.append(
+        f"  Why: the clip bounds the normalised gradient g/sqrt(v) at s**0.25. While v is near k**2 = {K * K}"
+        f" (at the start, and for small beta2 after every frequent gradient -{K}), the rare gradient"
+        f" normalises to about {K} and the frequent one to about -1. Clipped at s**0.25 < {K - 1}, the rare"
+        f" push (1/{K}) * s**0.25 is smaller than the frequent pull ({K - 1}/{K}) * 1, so on average theta"
+        f" is pushed toward +1, ever more weakly, until s > ({K}-1)**4 = {CLIP_CATCH_UP_STEP}. With larger"
+        " beta2, v also averages in the rare g**2 = k**4, the rare gradient normalises to less than k, and"
+        " the clip stops binding sooner."
+    )
+    turns = []
+    for b, _ in lagging:
+        cell = res["ADOPT (default clip)"][str(b)]
+        if cell["turn_step"] < steps:
+            turns.append(
+                f"beta2 = {b}: mean theta rose to {cell['peak_mean']:+.2f}, stayed within {TURN_TOLERANCE}"
+                f" of that until step {cell['turn_step']}, then fell to {cell['final_mean']:+.2f}"
+            )
+        else:
+            turns.append(
+                f"beta2 = {b}: mean theta was still near its highest ({cell['peak_mean']:+.2f}) at the last step"
+            )
+    lines.append("  Measured for ADOPT with the default clip: " + "; ".join(turns) + ".")
+    return lines
+
+
+def _unstable(curve: list[float]) -> bool:
+    """The mean training loss gave back over half its progress, on a log scale, by the end."""
+    return curve[-1] > math.sqrt(min(curve) * curve[0])
+
+
+def digits_reading(digits: dict[str, Any]) -> list[str]:
+    """Per setting: the accuracy gap against the seed spread, and any unstable training."""
+    lines = ["Digits MLP:"]
+    settings = list(digits["settings"])
+    for s in settings:
+        res = digits["results"][s]
+        means = {n: 100 * r["test_accuracy_mean"] for n, r in res.items()}
+        stds = {n: 100 * r["test_accuracy_std"] for n, r in res.items()}
+        best, worst = max(means, key=means.__getitem__), min(means, key=means.__getitem__)
+        gap = means[best] - means[worst]
+        spread = max(stds[best], stds[worst])
+        if digits["setup"]["seeds"] < 2:
+            verdict = "one seed, so no seed-to-seed spread to compare with"
+        else:
+            verdict = f"{'within' if gap <= spread else 'larger than'} the seed-to-seed std ({spread:.2f})"
+        text = ", ".join(f"{n} {_pm(means[n], stds[n])}" for n in res)
+        lines.append(f"  {s}: {text} %. Best minus worst ({best} - {worst}) = {gap:.2f} points, {verdict}.")
+        for n, r in res.items():
+            curve = r["train_loss_mean"]
+            if _unstable(curve):
+                lines.append(
+                    f"    {n} is unstable here: its mean training loss fell to {min(curve):.2e}"
+                    f" and then rose to {curve[-1]:.2e}."
+                )
+    if len(settings) > 1:
+        base, other = settings[0], settings[1]
+        accuracy = {s: {n: r["test_accuracy_mean"] for n, r in digits["results"][s].items()} for s in (base, other)}
+        drops = {n: 100 * (accuracy[other][n] - accuracy[base][n]) for n in accuracy[base]}
+        lines.append(
+            f"  Change from {base} to {other}: "
+            + ", ".join(f"{n} {d:+.2f} points" for n, d in drops.items())
+            + "."
+        )
+    return lines
+
+
+def save_figure(results: dict[str, Any], path: Path) -> None:
+    """One row per experiment: θ over steps per β2; loss curves per setting and accuracies."""
+    from matplotlib.figure import Figure
+
+    rows = [e for e in ("toy", "digits") if e in results]
+    fig = Figure(figsize=(17, 5.2 * len(rows)), layout="constrained")
+    fig.suptitle(
+        f"ADOPT demo (adopt {results['adopt_version']}, torch {results['torch_version']}, {results['device']})",
+        fontsize=11,
+    )
+    grid = fig.add_gridspec(len(rows), 12)
+    for row, experiment in enumerate(rows):
+        if experiment == "toy":
+            _plot_toy(fig, grid, row, results["toy"])
+        else:
+            _plot_digits(fig, grid, row, results["digits"])
+    fig.savefig(path, dpi=110)
+
+
+def _plot_toy(fig: Any, grid: Any, row: int, toy: dict[str, Any]) -> None:
+    """One panel per β2: mean θ over steps per optimizer with a 10–90% band over seeds."""
+    steps = toy["steps"]
+    setup = toy["setup"]
+    axes: list[Any] = []
+    for j, b in enumerate(BETA2S):
+        ax = fig.add_subplot(grid[row, 3 * j : 3 * j + 3], sharey=axes[0] if axes else None)
+        axes.append(ax)
+        for name in TOY_OPTIMIZERS:
+            cell = toy["optimizers"][name][str(b)]
+            ax.plot(steps, cell["mean"], color=COLORS[name], lw=1.6, label=name)
+            ax.fill_between(steps, cell["p10"], cell["p90"], color=COLORS[name], alpha=0.15, lw=0)
+        ax.axhline(-1, color="black", lw=0.8, ls=":")
+        if setup["steps"] > CLIP_CATCH_UP_STEP:
+            ax.axvline(CLIP_CATCH_UP_STEP, color="gray", lw=0.8, ls="--")
+            ax.annotate(
+                f"clip s$^{{1/4}}$ = k−1\nat s = {CLIP_CATCH_UP_STEP}",
+                (CLIP_CATCH_UP_STEP, 0.5),
+                xycoords=("data", "axes fraction"),
+                ha="left", va="center", fontsize=8, color="dimgray", xytext=(3, 0), textcoords="offset points",
+                bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},
+            )
+        ax.set_title(f"toy problem ({setup['seeds']} seeds), β$_2$ = {b}")
+        ax.set_xlabel("step")
+        ax.set_ylim(-1.08, 1.08)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("θ (optimum −1)\nline: mean, band: 10–90% of seeds")
+    axes[-1].legend(loc="upper right", fontsize=8, framealpha=0.9)
+
+
+def _plot_digits(fig: Any, grid: Any, row: int, digits: dict[str, Any]) -> None:
+    """Training-loss curves per setting, then test accuracy per optimizer and setting."""
+    from matplotlib.ticker import MaxNLocator
+
+    setup = digits["setup"]
+    settings = list(digits["settings"])
+    epochs = list(range(setup["epochs"] + 1))
+    for j, s in enumerate(settings):
+        ax = fig.add_subplot(grid[row, 4 * j : 4 * j + 4])
+        for name, r in digits["results"][s].items():
+            per_seed = list(zip(*r["train_loss"]))  # [epochs + 1][seeds]
+            label = f"{name} (β = {r['betas'][0]}, {r['betas'][1]})"
+            ax.plot(epochs, r["train_loss_mean"], color=COLORS[name], ls=LINESTYLES.get(name, "-"), lw=1.6, label=label)
+            lowest, highest = [min(v) for v in per_seed], [max(v) for v in per_seed]
+            ax.fill_between(epochs, lowest, highest, color=COLORS[name], alpha=0.15, lw=0)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"digits MLP ({setup['seeds']} seeds), {s.replace('beta2', 'β$_2$')}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss (line: mean, band: min–max of seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = fig.add_subplot(grid[row, 4 * len(settings) :])
+    names = list(digits["results"][settings[0]])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        for j, s in enumerate(settings):
+            r = digits["results"][s][name]
+            x = j + (i - (len(names) - 1) / 2) * width
+            accs = [100 * a for a in r["test_accuracy"]]
+            ax.scatter([x] * len(accs), accs, color=COLORS[name], s=10, alpha=0.5, lw=0)
+            ax.errorbar(
+                x, 100 * r["test_accuracy_mean"], yerr=100 * r["test_accuracy_std"], fmt="o", color=COLORS[name],
+                capsize=3, label=name if j == 0 else None,
+            )
+    ax.set_xticks(range(len(settings)), [s.replace("beta2", "β$_2$") for s in settings])
+    ax.set_ylabel("test accuracy (%), dots: seeds")
+    ax.set_title(f"digits test accuracy, mean ± std of {setup['seeds']} seeds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
