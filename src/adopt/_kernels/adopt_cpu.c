@@ -31,6 +31,13 @@
 
 #define ADOPT_SIMD _Pragma("omp simd")
 
+/* The element loops must be inlined into each target clone to be compiled for its ISA. */
+#if defined(__GNUC__)
+#define ADOPT_INLINE static inline __attribute__((always_inline))
+#else
+#define ADOPT_INLINE static inline
+#endif
+
 /* Fewest elements worth a thread of their own (about 1 MB of traffic in float32). */
 #define ADOPT_MIN_PER_THREAD ((int64_t)1 << 15)
 /* Thread ranges start on multiples of this many elements (whole cache lines). */
@@ -38,13 +45,13 @@
 
 /* ---- 16-bit float conversions (round to nearest even) -------------------------------- */
 
-static inline float bits_to_f32(uint32_t u) {
+ADOPT_INLINE float bits_to_f32(uint32_t u) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static inline uint32_t f32_to_bits(float f) {
+ADOPT_INLINE uint32_t f32_to_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u;
@@ -52,14 +59,14 @@ static inline uint32_t f32_to_bits(float f) {
 
 /* Branch-free select on integers (keeps the loops below if-convertible, so they vectorise
  * even where the compiler must assume floating-point operations can trap). */
-static inline uint32_t select_u32(int cond, uint32_t a, uint32_t b) {
+ADOPT_INLINE uint32_t select_u32(int cond, uint32_t a, uint32_t b) {
     const uint32_t mask = (uint32_t)0 - (uint32_t)(cond != 0);
     return (a & mask) | (b & ~mask);
 }
 
-static inline float bf16_load(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+ADOPT_INLINE float bf16_load(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
 
-static inline uint16_t bf16_store(float f) {
+ADOPT_INLINE uint16_t bf16_store(float f) {
     const uint32_t u = f32_to_bits(f);
     /* NaN: keep sign and the top payload bits, force the quiet bit. */
     const uint32_t nan = (u >> 16) | 0x0040u;
@@ -67,7 +74,7 @@ static inline uint16_t bf16_store(float f) {
     return (uint16_t)select_u32((u & 0x7FFFFFFFu) > 0x7F800000u, nan, rounded);
 }
 
-static inline float f16_load(uint16_t h) {
+ADOPT_INLINE float f16_load(uint16_t h) {
     const uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
     const uint32_t exp = ((uint32_t)h >> 10) & 0x1Fu;
     const uint32_t mant = (uint32_t)h & 0x3FFu;
@@ -82,7 +89,7 @@ static inline float f16_load(uint16_t h) {
     return bits_to_f32(sign | mag);
 }
 
-static inline uint16_t f16_store(float f) {
+ADOPT_INLINE uint16_t f16_store(float f) {
     const uint32_t u = f32_to_bits(f);
     const uint32_t sign = (u >> 16) & 0x8000u;
     const uint32_t a = u & 0x7FFFFFFFu;
@@ -99,10 +106,10 @@ static inline uint16_t f16_store(float f) {
     return (uint16_t)(sign | mag);
 }
 
-static inline float f32_load(float x) { return x; }
-static inline float f32_store(float x) { return x; }
-static inline double f64_load(double x) { return x; }
-static inline double f64_store(double x) { return x; }
+ADOPT_INLINE float f32_load(float x) { return x; }
+ADOPT_INLINE float f32_store(float x) { return x; }
+ADOPT_INLINE double f64_load(double x) { return x; }
+ADOPT_INLINE double f64_store(double x) { return x; }
 
 /* ---- per-element loops -------------------------------------------------------------- */
 
@@ -121,7 +128,7 @@ typedef struct {
  * `l2_on` is a compile-time constant at every call site, so each variant is its own loop.
  */
 #define ADOPT_DEFINE_LOOPS(SUF, T, C, LOAD, STORE, SQRT)                                         \
-    static inline void first_##SUF(const T *restrict p, const T *restrict g, T *restrict v,       \
+    ADOPT_INLINE void first_##SUF(const T *restrict p, const T *restrict g, T *restrict v,       \
                                    int64_t n, const coef_##C *k, const int l2_on) {               \
         const C gs = k->gscale, l2 = k->l2;                                                       \
         ADOPT_SIMD                                                                                \
@@ -131,7 +138,7 @@ typedef struct {
             v[i] = STORE(gi * gi);                                                                \
         }                                                                                         \
     }                                                                                             \
-    static inline void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
+    ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
                                     const int l2_on) {                                            \
         const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \

@@ -62,22 +62,20 @@ static int is_cpu(PyObject *t) { return truth(get(attr_is_cpu, t)); }
 
 static int is_contiguous(PyObject *t) { return truth(call(attr_is_contiguous, t)); }
 
-static int as_int64(PyObject *r, int64_t *out) {
+static int nbytes_of(PyObject *t, int64_t *out) {
+    PyObject *r = get(attr_nbytes, t);
     if (r == NULL) return -1;
-    *out = PyLong_AsLongLong(r);
+    *out = PyLong_AsSsize_t(r);
     Py_DECREF(r);
     return *out == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-static int nbytes_of(PyObject *t, int64_t *out) {
-    return as_int64(get(attr_nbytes, t), out);
-}
-
 static int data_ptr_of(PyObject *t, void **out) {
-    int64_t v;
-    if (as_int64(call(attr_data_ptr, t), &v) < 0) return -1;
-    *out = (void *)(intptr_t)v;
-    return 0;
+    PyObject *r = call(attr_data_ptr, t);
+    if (r == NULL) return -1;
+    *out = PyLong_AsVoidPtr(r);
+    Py_DECREF(r);
+    return *out == NULL && PyErr_Occurred() ? -1 : 0;
 }
 
 /* Index of the tensor's dtype in torch_dtypes, 4 if unsupported. */
@@ -340,15 +338,41 @@ PyDoc_STRVAR(step_doc,
              "remember the\nvalidated tensors for the next call (pass False for temporary "
              "views). dry_run:\nvalidate only (same result, nothing runs).");
 
-static PyObject *py_step(PyObject *self, PyObject *args) {
+/* Positional arguments of step(): 8 objects, 6 floats, 2 ints interleaved with bools. */
+#define STEP_NARGS 20
+
+static int float_arg(PyObject *const *args, int i, double *out) {
+    *out = PyFloat_AsDouble(args[i]);
+    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int int_arg(PyObject *const *args, int i, int *out) {
+    const long v = PyLong_AsLong(args[i]);
+    *out = (int)v;
+    return v == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int bool_arg(PyObject *const *args, int i, int *out) {
+    *out = PyObject_IsTrue(args[i]);
+    return *out < 0 ? -1 : 0;
+}
+
+/* METH_FASTCALL: no argument tuple is built per call (a tuple per step would also feed
+ * the garbage collector's allocation counter). */
+static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    PyObject *lists[N_LISTS], *clip_table, *grad_scale, *found_inf;
+    if (nargs != STEP_NARGS)
+        return PyErr_Format(PyExc_TypeError, "step() takes %d positional arguments (%zd given)",
+                            STEP_NARGS, nargs);
+    PyObject *const *lists = args;
+    PyObject *clip_table = args[5], *grad_scale = args[6], *found_inf = args[7];
     double lr, beta1, beta2, weight_decay, eps, clip_exponent;
     int clip_mode, decouple, maximize, num_threads, cache, dry_run;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOddddddippipp:step", &lists[0], &lists[1], &lists[2],
-                          &lists[3], &lists[4], &clip_table, &grad_scale, &found_inf, &lr, &beta1,
-                          &beta2, &weight_decay, &eps, &clip_exponent, &clip_mode, &decouple,
-                          &maximize, &num_threads, &cache, &dry_run))
+    if (float_arg(args, 8, &lr) || float_arg(args, 9, &beta1) || float_arg(args, 10, &beta2) ||
+        float_arg(args, 11, &weight_decay) || float_arg(args, 12, &eps) ||
+        float_arg(args, 13, &clip_exponent) || int_arg(args, 14, &clip_mode) ||
+        bool_arg(args, 15, &decouple) || bool_arg(args, 16, &maximize) ||
+        int_arg(args, 17, &num_threads) || bool_arg(args, 18, &cache) || bool_arg(args, 19, &dry_run))
         return NULL;
     if (clip_mode < ADOPT_CLIP_NONE || clip_mode > ADOPT_CLIP_POWER)
         return PyErr_Format(PyExc_ValueError, "unknown clip_mode %d", clip_mode);
@@ -493,7 +517,7 @@ static PyObject *py_clear_cache(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
-    {"step", py_step, METH_VARARGS, step_doc},
+    {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL, step_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
     {"clear_cache", py_clear_cache, METH_NOARGS, "Forget every cached plan."},
