@@ -22,7 +22,7 @@ from typing import Any
 
 EXPERIMENTS = ("toy", "digits")
 # Defaults of the full run and of --quick; explicit flags override either.
-DEFAULTS = {"steps": 20_000, "epochs": 30, "seeds": 16}
+DEFAULTS = {"steps": 20_000, "epochs": 30, "seeds": 32}
 QUICK = {"steps": 3_000, "epochs": 3, "seeds": 16}
 INSTALL_HINT = 'pip install "adopt-optim[demo]"'
 
