@@ -9,12 +9,14 @@ import torch
 from adopt import ADOPT
 from oracle import OracleState, oracle_step
 
-# Every execution path as optimizer keyword arguments; fused is added when it is built.
+# Every execution path as optimizer keyword arguments.
 PATHS: dict[str, dict[str, Any]] = {
     "single": dict(foreach=False),
     "foreach": dict(foreach=True),
+    "fused": dict(fused=True),
     "single-capturable": dict(foreach=False, capturable=True),
     "foreach-capturable": dict(foreach=True, capturable=True),
+    "fused-capturable": dict(fused=True, capturable=True),
 }
 
 SHAPES = [(5,), (3, 4), (2,), (7,)]

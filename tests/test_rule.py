@@ -73,16 +73,19 @@ def test_tensor_lr_any_shape(path, lr_shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("path", [p for p in PATHS if p != "single"])
 def test_paths_agree_with_single_tensor(path, dtype):
-    """Bit-for-bit agreement per tensor, uneven step counts included."""
+    """Per tensor, uneven step counts included: bit for bit for the torch-op paths; the fused
+    kernel orders a few roundings differently, so it agrees to a few ulps."""
     init, grads = make_problem(STEPS, dtype=dtype, seed=3)
     kw = dict(lr=0.1, betas=(0.9, 0.5), weight_decay=0.01, decouple=True)
     ref, ref_opt = run_adopt(init, grads, **kw, **PATHS["single"])
     got, got_opt = run_adopt(init, grads, **kw, **PATHS[path])
+    ulps = 0 if "fused" not in path else 8
+    tol = dict(rtol=ulps * torch.finfo(dtype).eps, atol=ulps * torch.finfo(dtype).eps)
     for a, b in zip(ref, got):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, **tol)
     for pa, pb in zip(ref_opt.param_groups[0]["params"], got_opt.param_groups[0]["params"]):
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(ref_opt.state[pa][key].cpu(), got_opt.state[pb][key].cpu())
+            torch.testing.assert_close(ref_opt.state[pa][key].cpu(), got_opt.state[pb][key].cpu(), **tol)
 
 
 def test_float32_matches_oracle():

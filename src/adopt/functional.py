@@ -10,12 +10,14 @@ the same per-tensor rule (see :mod:`adopt._single_tensor`):
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ._foreach import foreach_adopt
+from ._fused import fused_adopt, fused_cpu_available, fused_supported_dtypes
 from ._single_tensor import single_tensor_adopt
 from .schedules import ClipSchedule
 
@@ -25,18 +27,51 @@ _PathFn = Callable[..., None]
 
 
 def default_path(params: list[Tensor], differentiable: bool, lr: Union[float, Tensor], capturable: bool) -> str:
-    """The path used when neither ``foreach`` nor ``fused`` is set, as ``torch.optim.Adam`` chooses.
+    """The path used when neither ``foreach`` nor ``fused`` is set: the fastest correct one.
 
-    foreach when every parameter is on CUDA and the step is not differentiable (and a Tensor
-    lr comes with capturable=True); single-tensor otherwise.
+    * ``differentiable=True`` (or TorchScript): single-tensor, the only path autograd runs through.
+    * under ``torch.compile``: foreach, which the compiler fuses itself (a kernel call it
+      cannot trace would break the graph).
+    * plain tensors on CPU and/or CUDA whose fused kernel is available (the C extension was
+      built; triton is installed): fused.
+    * otherwise foreach when every parameter is on CUDA (not with a Tensor ``lr`` and
+      ``capturable=False``), else single-tensor, as ``torch.optim.Adam`` chooses.
     """
-    if differentiable or torch.jit.is_scripting():
+    if differentiable or torch.jit.is_scripting() or not params:
         return "single"
-    if not params or not all(p.device.type == "cuda" for p in params):
-        return "single"
-    if isinstance(lr, Tensor) and not capturable:
-        return "single"
-    return "foreach"
+    all_cuda = all(p.device.type == "cuda" for p in params)
+    if torch.compiler.is_compiling():
+        return "foreach" if all_cuda or not isinstance(lr, Tensor) or capturable else "single"
+    if _fused_handles(params):
+        return "fused"
+    if all_cuda and not (isinstance(lr, Tensor) and not capturable):
+        return "foreach"
+    return "single"
+
+
+@functools.cache
+def fused_cuda_available() -> bool:
+    """Whether ``fused=True`` can run on CUDA here: a GPU and an importable triton."""
+    if not torch.cuda.is_available():
+        return False
+    from ._kernels import triton_adopt
+
+    return triton_adopt.triton_available()
+
+
+def _fused_handles(params: list[Tensor]) -> bool:
+    """Whether every parameter is a plain tensor the built fused kernels support."""
+    supported = fused_supported_dtypes()
+    device_types = set()
+    for p in params:
+        if type(p) not in (Tensor, torch.nn.Parameter) or p.dtype not in supported:
+            return False
+        device_types.add(p.device.type)
+    if not device_types <= {"cpu", "cuda"}:
+        return False
+    return ("cpu" not in device_types or fused_cpu_available()) and (
+        "cuda" not in device_types or fused_cuda_available()
+    )
 
 
 def adopt(
@@ -91,12 +126,10 @@ def adopt(
     else:
         path = "foreach" if foreach else "single"
 
-    if path == "fused":
-        raise RuntimeError("`fused=True` is not supported yet: use foreach=True or the default")
     if path == "foreach" and isinstance(lr, Tensor) and not capturable:
         raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
 
-    func: _PathFn = foreach_adopt if path == "foreach" else single_tensor_adopt
+    func: _PathFn = {"fused": fused_adopt, "foreach": foreach_adopt, "single": single_tensor_adopt}[path]
     func(
         params,
         grads,

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
-from .functional import adopt
+from ._fused import fused_supported_dtypes
+from .functional import adopt, fused_cuda_available
 from .schedules import DEFAULT_CLIP, ClipSchedule
 
 __all__ = ["ADOPT"]
@@ -79,7 +80,6 @@ class ADOPT(Optimizer):
                 raise RuntimeError("`fused` does not support `differentiable`")
             if foreach:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-            raise RuntimeError("`fused=True` is not supported yet: use foreach=True or the default")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -94,6 +94,10 @@ class ADOPT(Optimizer):
         )
         super().__init__(params, defaults)
         self.clip_lambda = clip_lambda
+        if fused:
+            # GradScaler then hands over grad_scale/found_inf: unscaling and the inf skip
+            # happen inside the kernel instead of in extra passes over the gradients.
+            self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, validating any hyperparameters it overrides."""
@@ -143,6 +147,9 @@ class ADOPT(Optimizer):
     ) -> bool:
         """Collect the tensors of parameters with gradients, creating state on first sight."""
         has_complex = False
+        # Steps live on the device where the kernel reads them: capturable, fused, and the
+        # automatic choice of the fused path for CUDA parameters.
+        auto = group["fused"] is None and group["foreach"] is None and not group["differentiable"]
         on_device = group["capturable"] or group["fused"]
         for p in group["params"]:
             if p.grad is None:
@@ -152,7 +159,8 @@ class ADOPT(Optimizer):
             grads.append(p.grad)
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                step_on_device = on_device or (auto and p.device.type == "cuda" and fused_cuda_available())
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if step_on_device else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
@@ -167,6 +175,11 @@ class ADOPT(Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
+                if group["fused"] and (p.device.type not in ("cpu", "cuda") or p.dtype not in fused_supported_dtypes()):
+                    raise RuntimeError(
+                        f"fused=True supports float64/float32/float16/bfloat16 (and complex) tensors on CPU and "
+                        f"CUDA: param_groups[{g_idx}]['params'][{p_idx}] is {p.dtype} on {p.device}"
+                    )
                 if grad.is_sparse:
                     raise RuntimeError(
                         f"ADOPT does not support sparse gradients: param_groups[{g_idx}]['params'][{p_idx}] "
