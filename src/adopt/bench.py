@@ -209,22 +209,31 @@ def measure_roofline(
     }
 
 
-def _progress(total: int) -> Callable[[str], None]:
-    """Advance a tqdm bar when tqdm is installed, else print one line per measurement."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        counter = iter(range(1, total + 1))
-        return lambda label: print(f"[{next(counter)}/{total}] {label}", file=sys.stderr, flush=True)
-    bar = tqdm(total=total, unit="run", file=sys.stderr, leave=False)
+class _Progress:
+    """A tqdm bar on stderr when tqdm is installed, else one line per measurement."""
 
-    def advance(label: str) -> None:
-        bar.set_description(label)
-        bar.update()
-        if bar.n == total:
-            bar.close()
+    def __init__(self, total: int) -> None:
+        self.total, self.count = total, 0
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, unit="run", file=sys.stderr, leave=False)
 
-    return advance
+    def start(self, label: str) -> None:
+        """Announce the measurement about to run."""
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_description(label)
+        else:
+            print(f"[{self.count}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+            if self.bar.n == self.total:
+                self.bar.close()
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
@@ -267,16 +276,18 @@ def run_cases(
     """Measure every path and the roofline for each case; errors are recorded, not raised."""
     paths = tuple(paths)
     timer = _Timer(device)
-    advance = _progress(len(cases) * (len(paths) + 1))
+    progress = _Progress(len(cases) * (len(paths) + 1))
     results = []
     for total, tensors in cases:
         reps = repeats or (3 if quick else 50 if total <= 10_000_000 else 10)
         sizes = _tensor_sizes(total, tensors)
+        progress.start(f"{_fmt(total)}/{tensors} roofline")
         roofline = measure_roofline(total, device, dtype, warmup, max(reps, 10), timer)
-        advance(f"{_fmt(total)}/{tensors} roofline")
+        progress.done()
         rows = []
         for path in paths:
             row: dict[str, Any] = {"path": path}
+            progress.start(f"{_fmt(total)}/{tensors} {path}")
             try:
                 times = _time_path(path, sizes, device, dtype, warmup, reps, timer)
             except Exception as exc:  # a path that cannot run here (no triton, ...) is reported
@@ -284,7 +295,7 @@ def run_cases(
             else:
                 row.update(median_ms=statistics.median(times), min_ms=min(times), times_ms=times)
             rows.append(row)
-            advance(f"{_fmt(total)}/{tensors} {path}")
+            progress.done()
         reference = next((r for r in rows if r["path"] == "adamw-fused" and "median_ms" in r), None)
         for row in rows:
             if "median_ms" in row:

@@ -57,53 +57,45 @@ ADOPT_INLINE uint32_t f32_to_bits(float f) {
     return u;
 }
 
-/* Branch-free select on integers (keeps the loops below if-convertible, so they vectorise
- * even where the compiler must assume floating-point operations can trap). */
-ADOPT_INLINE uint32_t select_u32(int cond, uint32_t a, uint32_t b) {
-    const uint32_t mask = (uint32_t)0 - (uint32_t)(cond != 0);
-    return (a & mask) | (b & ~mask);
-}
+/* Select between two bit patterns; written as a conditional expression so that the
+ * compiler emits a vector blend (-fno-trapping-math lets it if-convert these loops). */
+ADOPT_INLINE uint32_t select_u32(int cond, uint32_t a, uint32_t b) { return cond ? a : b; }
 
 ADOPT_INLINE float bf16_load(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
 
 ADOPT_INLINE uint16_t bf16_store(float f) {
     const uint32_t u = f32_to_bits(f);
-    /* NaN: keep sign and the top payload bits, force the quiet bit. */
-    const uint32_t nan = (u >> 16) | 0x0040u;
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)select_u32((u & 0x7FFFFFFFu) > 0x7F800000u, nan, rounded);
+    /* NaN (which the rounding could turn into Inf) becomes a quiet NaN. */
+    return (uint16_t)select_u32((u & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC0u, rounded);
 }
 
 ADOPT_INLINE float f16_load(uint16_t h) {
-    const uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
-    const uint32_t exp = ((uint32_t)h >> 10) & 0x1Fu;
-    const uint32_t mant = (uint32_t)h & 0x3FFu;
-    /* Normal numbers: rebias the exponent (15 -> 127). */
-    const uint32_t normal = ((exp + 112u) << 23) | (mant << 13);
-    /* Inf / NaN: all-ones exponent, payload kept. */
-    const uint32_t special = 0x7F800000u | (mant << 13);
-    /* Zero / subnormal: mant * 2^-24 is exact in float32. */
-    const uint32_t tiny = f32_to_bits((float)(int32_t)mant * 0x1p-24f);
-    uint32_t mag = select_u32(exp == 0u, tiny, normal);
-    mag = select_u32(exp == 0x1Fu, special, mag);
-    return bits_to_f32(sign | mag);
+    /* Exponent and mantissa moved to their float32 positions. */
+    const uint32_t em = ((uint32_t)h & 0x7FFFu) << 13;
+    const uint32_t exp = em & 0x0F800000u;
+    /* Normal numbers: rebias the exponent (15 -> 127); Inf / NaN: all-ones exponent. */
+    uint32_t mag = em + (112u << 23);
+    mag = select_u32(exp == 0x0F800000u, mag + (112u << 23), mag);
+    /* Zero / subnormal: 2^-14 * (1 + mant / 2^10) - 2^-14 = mant * 2^-24, exactly. */
+    const uint32_t tiny = f32_to_bits(bits_to_f32(em + (113u << 23)) - 0x1p-14f);
+    mag = select_u32(exp == 0u, tiny, mag);
+    return bits_to_f32((((uint32_t)h & 0x8000u) << 16) | mag);
 }
 
 ADOPT_INLINE uint16_t f16_store(float f) {
     const uint32_t u = f32_to_bits(f);
-    const uint32_t sign = (u >> 16) & 0x8000u;
     const uint32_t a = u & 0x7FFFFFFFu;
+    /* Normal range: round the 13 dropped bits to even, carries move into the exponent. */
+    uint32_t mag = ((a + 0x0FFFu + ((a >> 13) & 1u)) >> 13) - (112u << 10);
     /* Below 2^-14 the half is subnormal with step 2^-24; adding 0.5f (whose ulp is 2^-24)
      * lets the FPU do the round-to-nearest-even, the mantissa is the bit difference. */
-    const uint32_t sub = f32_to_bits(bits_to_f32(a) + 0.5f) - 0x3F000000u;
-    /* Normal range: round the 13 dropped bits to even, carries move into the exponent. */
-    const uint32_t norm = ((a + 0x0FFFu + ((a >> 13) & 1u)) >> 13) - (112u << 10);
-    const uint32_t nan = 0x7E00u | ((a >> 13) & 0x03FFu);
-    uint32_t mag = select_u32(a < 0x38800000u, sub, norm);
+    mag = select_u32(a < 0x38800000u, f32_to_bits(bits_to_f32(a) + 0.5f) - 0x3F000000u, mag);
     /* 65520 = 0x477FF000 is the first value that rounds to infinity. */
     mag = select_u32(a >= 0x477FF000u, 0x7C00u, mag);
-    mag = select_u32(a > 0x7F800000u, nan, mag);
-    return (uint16_t)(sign | mag);
+    /* NaN: a quiet NaN of the same sign. */
+    mag = select_u32(a > 0x7F800000u, 0x7E00u, mag);
+    return (uint16_t)(((u >> 16) & 0x8000u) | mag);
 }
 
 ADOPT_INLINE float f32_load(float x) { return x; }
