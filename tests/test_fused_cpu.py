@@ -286,6 +286,36 @@ def test_mixed_dtypes_and_non_contiguous() -> None:
     assert not transposed.is_contiguous() and [int(s) for s in steps] == [3, 3, 3, 3]
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_dtensor_params_update_their_local_shards() -> None:
+    """DTensors (FSDP2) are updated through their local shards, with the same result."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = State([6, 40], torch.float32)
+        params = [distribute_tensor(p.clone(), mesh, [Shard(0)]) for p in plain.params]
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        steps = [torch.zeros(()) for _ in params]
+        options: dict[str, Any] = dict(lr=1e-2, clip_lambda=PowerClip(0.25), maximize=False, weight_decay=0.1,
+                                       decouple=True)
+        for _ in range(3):
+            grads = plain.grads()
+            fused_step(plain, [0, 1], grads, **options)
+            fused_adopt(params, [distribute_tensor(g, mesh, [Shard(0)]) for g in grads], exp_avgs, exp_avg_sqs,
+                        steps, None, None, has_complex=False, capturable=False, differentiable=False,
+                        **options, **HYPER)
+        for got, want in zip(params + exp_avg_sqs, plain.params + plain.exp_avg_sqs):
+            assert torch.equal(got.to_local(), want)
+        assert [int(s) for s in steps] == [3, 3]
+    finally:
+        dist.destroy_process_group()
+
+
 def _amp_state() -> tuple[State, list[Tensor]]:
     state = State([3, 100, 4099], torch.float32)
     fused_step(state, [0, 1, 2], state.grads(), lr=1e-2, clip_lambda=PowerClip(0.25), maximize=False,

@@ -248,6 +248,49 @@ def _check_supported(group: TensorGroup) -> None:
         raise TypeError(f"fused ADOPT supports {names}; got {dtype}")
 
 
+def _owns_memory(t: Tensor) -> bool:
+    """Whether ``t.data_ptr()`` is ``t``'s own data (not a wrapper subclass such as DTensor)."""
+    kind = type(t)
+    return kind is Tensor or kind is torch.nn.Parameter or kind.__torch_dispatch__ is Tensor.__torch_dispatch__
+
+
+def _local_group(group: TensorGroup) -> TensorGroup:
+    """The group with DTensors (FSDP2) replaced by their local shards.
+
+    The rule is elementwise, so each rank updates its own shard in place, provided a param,
+    its grad and its state are laid out alike (same mesh and placements).
+    """
+    lists = _lists(group)
+    if all(_owns_memory(t) for ts in lists for t in ts):
+        return group
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed: no DTensor to unwrap
+        DTensor = None
+    local: list[list[Tensor]] = [[] for _ in lists]
+    for i in range(len(group.params)):
+        layout = None
+        for k, ts in enumerate(lists):
+            t = ts[i]
+            if DTensor is not None and isinstance(t, DTensor):
+                if layout is None:
+                    layout = (t.device_mesh, t.placements)
+                elif (t.device_mesh, t.placements) != layout:
+                    raise ValueError(
+                        f"fused ADOPT: params[{i}], its grad and its state must share one DTensor layout, "
+                        f"got {layout[1]} and {t.placements}"
+                    )
+                with torch.no_grad():  # the shard itself, not an autograd view of it
+                    t = t.to_local()
+            if not _owns_memory(t):
+                raise TypeError(
+                    f"fused ADOPT reads tensor memory directly and cannot update a {type(t).__name__}; "
+                    "use foreach=True"
+                )
+            local[k].append(t)
+    return TensorGroup(*local)
+
+
 def _plan_cpu(
     groups: list[TensorGroup], grad_scale: Optional[Tensor], found_inf: Optional[Tensor], hyper: _Hyper
 ) -> Callable[[], None]:
@@ -261,6 +304,9 @@ def _plan_cpu(
     for group in groups:
         write_back: list[tuple[Tensor, Tensor]] = []
         status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, dry_run=True)
+        if status == kernel.NEEDS_UNWRAP:
+            group = _local_group(group)
+            status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, dry_run=True)
         if status == kernel.NEEDS_CONTIGUOUS:
             group, write_back = _contiguous_group(group)
             status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, cache=False, dry_run=True)
@@ -317,7 +363,7 @@ def _plan_cuda(
     if not triton_adopt.triton_available():
         raise RuntimeError(f"fused ADOPT on {group.device} needs triton (pip install triton)")
     _check_supported(group)
-    group, write_back = _contiguous_group(group)
+    group, write_back = _contiguous_group(_local_group(group))
     device = group.device
     if not all(s.device == device and s.dtype == torch.float32 for s in group.steps):
         raise ValueError(f"fused ADOPT needs float32 step tensors on {device} (create state with fused=True)")

@@ -27,6 +27,7 @@
 #define STATUS_DONE 0
 #define STATUS_NEEDS_GROUPING 1   /* params of several dtypes or a tensor off the CPU */
 #define STATUS_NEEDS_CONTIGUOUS 2 /* some tensor is not contiguous */
+#define STATUS_NEEDS_UNWRAP 3     /* a tensor subclass that wraps others (DTensor, ...) */
 
 #define N_LISTS 5 /* params, grads, exp_avgs, exp_avg_sqs, state_steps */
 #define N_PLANS 8
@@ -35,6 +36,9 @@
  * and a TypeError for anything that is not a tensor. */
 static PyObject *attr_data_ptr, *attr_is_contiguous; /* method descriptors */
 static PyObject *attr_nbytes, *attr_dtype, *attr_is_cpu; /* getset descriptors */
+/* torch.Tensor, torch.nn.Parameter, and what __torch_dispatch__ is on every tensor type
+ * that owns its memory (wrapper subclasses such as DTensor override it). */
+static PyObject *tensor_type, *parameter_type, *disabled_dispatch, *str_torch_dispatch;
 /* torch.float32, torch.float64, torch.float16, torch.bfloat16 in adopt_dtype order. */
 static PyObject *torch_dtypes[4];
 static const int64_t itemsizes[4] = {4, 8, 2, 2};
@@ -78,6 +82,22 @@ static int data_ptr_of(PyObject *t, void **out) {
     return *out == NULL && PyErr_Occurred() ? -1 : 0;
 }
 
+/*
+ * 1 when x is a tensor whose data pointer is its own memory: torch.Tensor, nn.Parameter or a
+ * subclass that does not override __torch_dispatch__. 0 otherwise (a wrapper subclass such
+ * as DTensor, whose data_ptr() is not the data, or not a tensor); -1 on error.
+ */
+static int plain_tensor(PyObject *x) {
+    PyObject *tp = (PyObject *)Py_TYPE(x);
+    if (tp == tensor_type || tp == parameter_type) return 1;
+    if (!PyObject_TypeCheck(x, (PyTypeObject *)tensor_type)) return 0;
+    PyObject *dispatch = PyObject_GetAttr(tp, str_torch_dispatch);
+    if (dispatch == NULL) return -1;
+    const int plain = dispatch == disabled_dispatch;
+    Py_DECREF(dispatch);
+    return plain;
+}
+
 /* Index of the tensor's dtype in torch_dtypes, 4 if unsupported. */
 static int dtype_index(PyObject *t) {
     PyObject *d = get(attr_dtype, t);
@@ -91,13 +111,15 @@ static int dtype_index(PyObject *t) {
 /* Pointer of a contiguous CPU tensor of dtype index `k` with `count` elements, else
  * ValueError. */
 static int buffer_of(PyObject *t, int k, int64_t count, const char *name, void **out) {
-    const int cpu = is_cpu(t);
+    const int plain = plain_tensor(t);
+    if (plain < 0) return -1;
+    const int cpu = plain ? is_cpu(t) : 0;
     if (cpu < 0) return -1;
     const int kt = dtype_index(t);
     if (kt < 0) return -1;
     int64_t nbytes;
     if (nbytes_of(t, &nbytes) < 0) return -1;
-    const int ok = cpu && kt == k && nbytes == itemsizes[k] * count ? is_contiguous(t) : 0;
+    const int ok = plain && cpu && kt == k && nbytes == itemsizes[k] * count ? is_contiguous(t) : 0;
     if (ok < 0) return -1;
     if (!ok) {
         PyErr_Format(PyExc_ValueError, "%s must be a contiguous %s CPU tensor with %lld element(s)",
@@ -153,6 +175,8 @@ static void table_free(table_t *t) {
 static int check_entry(PyObject **items[N_LISTS], int l, Py_ssize_t i, table_t *t) {
     const size_t j = (size_t)l * t->n + i;
     PyObject *x = items[l][i];
+    const int plain = plain_tensor(x);
+    if (plain <= 0) return plain < 0 ? -1 : STATUS_NEEDS_UNWRAP;
     if (l == 4) return float_buffer(x, "each state step", (float **)&t->ptrs[j]) < 0 ? -1 : STATUS_DONE;
     const int cpu = is_cpu(x);
     if (cpu < 0) return -1;
@@ -181,6 +205,8 @@ static int validate(PyObject **items[N_LISTS], table_t *t) {
     t->dtype = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *p = items[0][i];
+        const int plain = plain_tensor(p);
+        if (plain <= 0) return plain < 0 ? -1 : STATUS_NEEDS_UNWRAP;
         const int k = dtype_index(p);
         if (k < 0) return -1;
         if (t->dtype < 0) {
@@ -332,8 +358,8 @@ PyDoc_STRVAR(step_doc,
              "     found_inf, lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode,\n"
              "     decouple, maximize, num_threads, cache, dry_run) -> int\n\n"
              "One fused ADOPT step over CPU tensors of one dtype (float32/64, float16, "
-             "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS without changing "
-             "anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
+             "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS / NEEDS_UNWRAP without "
+             "changing anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
              "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). cache: "
              "remember the\nvalidated tensors for the next call (pass False for temporary "
              "views). dry_run:\nvalidate only (same result, nothing runs).");
@@ -538,8 +564,15 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
     if (torch == NULL) return NULL;
     PyObject *c = PyObject_GetAttrString(torch, "_C");
     PyObject *base = c == NULL ? NULL : PyObject_GetAttrString(c, "TensorBase");
+    disabled_dispatch = c == NULL ? NULL : PyObject_GetAttrString(c, "_disabled_torch_dispatch_impl");
     Py_XDECREF(c);
-    int ok = base != NULL;
+    PyObject *nn = PyObject_GetAttrString(torch, "nn");
+    parameter_type = nn == NULL ? NULL : PyObject_GetAttrString(nn, "Parameter");
+    Py_XDECREF(nn);
+    tensor_type = PyObject_GetAttrString(torch, "Tensor");
+    str_torch_dispatch = PyUnicode_InternFromString("__torch_dispatch__");
+    int ok = base != NULL && disabled_dispatch != NULL && parameter_type != NULL && tensor_type != NULL &&
+             str_torch_dispatch != NULL && PyType_Check(tensor_type);
     for (int k = 0; ok && k < 4; k++) ok = (torch_dtypes[k] = PyObject_GetAttrString(torch, dtype_names[k])) != NULL;
     ok = ok && (attr_data_ptr = PyObject_GetAttrString(base, "data_ptr")) != NULL &&
          (attr_is_contiguous = PyObject_GetAttrString(base, "is_contiguous")) != NULL &&
@@ -554,6 +587,7 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
     if (PyModule_AddIntConstant(m, "DONE", STATUS_DONE) ||
         PyModule_AddIntConstant(m, "NEEDS_GROUPING", STATUS_NEEDS_GROUPING) ||
         PyModule_AddIntConstant(m, "NEEDS_CONTIGUOUS", STATUS_NEEDS_CONTIGUOUS) ||
+        PyModule_AddIntConstant(m, "NEEDS_UNWRAP", STATUS_NEEDS_UNWRAP) ||
         PyModule_AddIntConstant(m, "CLIP_NONE", ADOPT_CLIP_NONE) ||
         PyModule_AddIntConstant(m, "CLIP_TABLE", ADOPT_CLIP_TABLE) ||
         PyModule_AddIntConstant(m, "CLIP_POWER", ADOPT_CLIP_POWER)) {
