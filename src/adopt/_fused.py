@@ -356,6 +356,8 @@ def _plan_cuda(
     group: TensorGroup, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], hyper: _Hyper
 ) -> Callable[[], None]:
     """A Triton launch for one CUDA group; steps, lr, clip and found_inf stay on the device."""
+    if group.device.type != "cuda":
+        raise RuntimeError(f"fused ADOPT runs on CPU and CUDA tensors, got tensors on {group.device}")
     try:
         from ._kernels import triton_adopt
     except ImportError as exc:
