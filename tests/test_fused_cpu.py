@@ -386,6 +386,41 @@ def test_grad_scaler_cpu_with_injected_inf() -> None:
     assert scaler.get_scale() < scale  # the scaler saw the inf and backed off
 
 
+def test_inductor_compiles_the_fused_step_as_one_graph() -> None:
+    """Under torch.compile each CPU group is one adopt::fused_adopt_cpu_ op: one graph, same result."""
+    with warnings.catch_warnings():  # torch's own deprecation warning when inductor imports mkldnn
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import torch.utils.mkldnn  # noqa: F401
+
+    def setup() -> tuple[torch.nn.Module, ADOPT]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        return model, ADOPT(model.parameters(), lr=1e-2, weight_decay=1e-2, decouple=True, fused=True)
+
+    def run(compile_step: bool) -> list[Tensor]:
+        model, optimizer = setup()
+        step = torch.compile(optimizer.step) if compile_step else optimizer.step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(8, 4, generator=gen)).square().mean().backward()
+            step()
+            optimizer.zero_grad()
+        return [t for p in model.parameters() for t in (p.detach(), *optimizer.state[p].values())]
+
+    torch._dynamo.reset()
+    try:
+        model, optimizer = setup()
+        model(torch.ones(1, 4)).sum().backward()
+        explanation = torch._dynamo.explain(optimizer.step)()
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        torch._dynamo.reset()
+        compiled = run(compile_step=True)
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(compiled, run(compile_step=False), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_float16_bfloat16_conversions_round_to_nearest_even() -> None:
     """Every 16-bit pattern survives load/store, and f32 results round as torch rounds them."""
     for dtype in (torch.float16, torch.bfloat16):

@@ -15,7 +15,6 @@ not built, CPU groups run the foreach path instead, after a one-time
 
 from __future__ import annotations
 
-import functools
 import warnings
 from types import ModuleType
 from typing import Callable, NamedTuple, Optional, Union, cast
@@ -44,7 +43,6 @@ class FusedFallbackWarning(RuntimeWarning):
     """The fused CPU kernel is unavailable and the foreach path runs instead."""
 
 
-@functools.cache
 def _load_cpu_kernel() -> tuple[Optional[ModuleType], str]:
     """The compiled kernel module (or None) and, when missing, why."""
     try:
@@ -54,8 +52,13 @@ def _load_cpu_kernel() -> tuple[Optional[ModuleType], str]:
     return _adopt_cpu, ""
 
 
+# Loaded once at import (plain globals rather than a cache, which torch.compile would trace).
+_CPU_KERNEL, _CPU_KERNEL_ERROR = _load_cpu_kernel()
+_cuda_available: Optional[bool] = None
+
+
 def _cpu_kernel() -> Optional[ModuleType]:
-    return _load_cpu_kernel()[0]
+    return _CPU_KERNEL
 
 
 def fused_cpu_available() -> bool:
@@ -63,14 +66,17 @@ def fused_cpu_available() -> bool:
     return _cpu_kernel() is not None
 
 
-@functools.cache
 def fused_cuda_available() -> bool:
     """Whether the Triton kernel for CUDA tensors can run (triton is installed)."""
-    try:
-        from ._kernels import triton_adopt
-    except ImportError:
-        return False
-    return triton_adopt.triton_available()
+    global _cuda_available
+    if _cuda_available is None:
+        try:
+            from ._kernels import triton_adopt
+        except ImportError:
+            _cuda_available = False
+        else:
+            _cuda_available = triton_adopt.triton_available()
+    return _cuda_available
 
 
 def fused_supported_dtypes() -> frozenset[torch.dtype]:
@@ -86,7 +92,7 @@ def _warn_fallback_once() -> None:
     if _fallback_warned:
         return
     _fallback_warned = True
-    reason = _load_cpu_kernel()[1] or "the extension is unavailable"
+    reason = _CPU_KERNEL_ERROR or "the extension is unavailable"
     warnings.warn(
         "adopt: the fused CPU kernel (adopt._kernels._adopt_cpu) could not be loaded "
         f"({reason}); fused=True runs the foreach path on CPU instead. Reinstall with a C "
@@ -134,12 +140,17 @@ def fused_adopt(
     if not params:
         return
     hyper = _Hyper(beta1, beta2, lr, clip_lambda, weight_decay, decouple, eps, maximize, capturable)
+    if torch.compiler.is_compiling():
+        _traced_fused_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, has_complex, hyper)
+        return
     kernel = _cpu_kernel()
     if kernel is not None and not has_complex and params[0].is_cpu:
         # Common case first: one CPU dtype group, validated and run by a single C call.
-        status = _run_cpu(kernel, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, hyper)
-        if status == kernel.DONE:
-            return
+        clip = _cpu_clip(kernel, state_steps, hyper)
+        if clip is not None:
+            status = _run_cpu(kernel, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, hyper, clip)
+            if status == kernel.DONE:
+                return
     groups = group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex)
     # Validate every group before any runs, so an error leaves everything untouched.
     cpu_groups = [g for g in groups if g.device.type == "cpu"]
@@ -171,10 +182,11 @@ def _cpu_scalar(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.detach().to("cpu", torch.float32).contiguous()
 
 
-def _cpu_clip(
-    kernel: ModuleType, state_steps: list[Tensor], hyper: _Hyper
-) -> Optional[tuple[int, Optional[Tensor], float]]:
-    """(clip mode, threshold table, exponent) for the C kernel; None if steps are not host scalars."""
+_CpuClip = tuple[int, Optional[Tensor], float]  # the C kernel's clip mode, threshold table, exponent
+
+
+def _cpu_clip(kernel: ModuleType, state_steps: list[Tensor], hyper: _Hyper) -> Optional[_CpuClip]:
+    """The clip arguments of the C kernel; None if the steps are not CPU float32 scalars."""
     clip = hyper.clip_lambda
     if clip is None:
         return kernel.CLIP_NONE, None, 0.0
@@ -202,21 +214,18 @@ def _run_cpu(
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
     hyper: _Hyper,
+    clip: _CpuClip,
     *,
     cache: bool = True,
     dry_run: bool = False,
 ) -> int:
     """Call the C kernel on lists that may be one CPU dtype group; returns its status."""
-    clip = _cpu_clip(kernel, state_steps, hyper)
-    if clip is None:
-        return cast(int, kernel.NEEDS_GROUPING)
     mode, table, exponent = clip
-    lr = hyper.lr
     return cast(
         int,
         kernel.step(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, table, _cpu_scalar(grad_scale), _cpu_scalar(found_inf),
-            float(lr), hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps, exponent, mode,
+            float(hyper.lr), hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps, exponent, mode,
             hyper.decouple, hyper.maximize, torch.get_num_threads(), cache, dry_run,
         ),
     )
@@ -300,28 +309,48 @@ def _plan_cpu(
     kernel = _cpu_kernel()
     if kernel is None:
         return _plan_fallback(groups, grad_scale, found_inf, hyper)
-    calls: list[tuple[TensorGroup, list[tuple[Tensor, Tensor]]]] = []
+    runs = []
     for group in groups:
-        write_back: list[tuple[Tensor, Tensor]] = []
-        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, dry_run=True)
-        if status == kernel.NEEDS_UNWRAP:
-            group = _local_group(group)
-            status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, dry_run=True)
-        if status == kernel.NEEDS_CONTIGUOUS:
-            group, write_back = _contiguous_group(group)
-            status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, cache=False, dry_run=True)
-        if status != kernel.DONE:
-            raise ValueError(
-                "fused ADOPT: every grad, exp_avg, exp_avg_sq and step must be on its parameter's device "
-                "(steps as float32 scalars)"
-            )
-        calls.append((group, write_back))
+        clip = _cpu_clip(kernel, group.steps, hyper)
+        if clip is None:
+            raise ValueError("fused ADOPT on CPU needs each state step as a float32 CPU scalar tensor")
+        runs.append(_plan_cpu_group(kernel, group, grad_scale, found_inf, hyper, clip))
 
     def run() -> None:
-        for group, write_back in calls:
-            _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, cache=not write_back)
-            for original, copy in write_back:
-                original.copy_(copy)
+        for run_group in runs:
+            run_group()
+
+    return run
+
+
+def _plan_cpu_group(
+    kernel: ModuleType,
+    group: TensorGroup,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    hyper: _Hyper,
+    clip: _CpuClip,
+) -> Callable[[], None]:
+    """Validate one CPU dtype group (unwrapping DTensors, making tensors contiguous as
+    needed) and return the kernel call that updates it."""
+    write_back: list[tuple[Tensor, Tensor]] = []
+    status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, dry_run=True)
+    if status == kernel.NEEDS_UNWRAP:
+        group = _local_group(group)
+        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, dry_run=True)
+    if status == kernel.NEEDS_CONTIGUOUS:
+        group, write_back = _contiguous_group(group)
+        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, cache=False, dry_run=True)
+    if status != kernel.DONE:
+        raise ValueError(
+            "fused ADOPT: every grad, exp_avg, exp_avg_sq and step must be on its parameter's device "
+            "(steps as float32 scalars)"
+        )
+
+    def run() -> None:
+        _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, cache=not write_back)
+        for original, copy in write_back:
+            original.copy_(copy)
 
     return run
 
@@ -393,3 +422,84 @@ def _plan_cuda(
             original.copy_(copy)
 
     return run
+
+
+@torch.library.custom_op(
+    "adopt::fused_adopt_cpu_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"), device_types="cpu"
+)
+def _fused_adopt_cpu_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    lr: float,
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    decouple: bool,
+    maximize: bool,
+    clip_exponent: Optional[float],
+    clip_table: Optional[Tensor],
+) -> None:
+    """One CPU dtype group's fused step as a PyTorch operator, which torch.compile records
+    in its graph (the C call itself is opaque to it). ``clip_exponent``: ``s ** exponent``
+    thresholds; ``clip_table``: one float64 threshold per tensor; neither: no clipping."""
+    kernel = cast(ModuleType, _cpu_kernel())
+    if clip_exponent is not None:
+        clip: _CpuClip = (kernel.CLIP_POWER, None, clip_exponent)
+    elif clip_table is not None:
+        clip = (kernel.CLIP_TABLE, clip_table, 0.0)
+    else:
+        clip = (kernel.CLIP_NONE, None, 0.0)
+    hyper = _Hyper(beta1, beta2, lr if lr_tensor is None else lr_tensor, None, weight_decay, decouple, eps, maximize, False)
+    group = TensorGroup(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    _plan_cpu_group(kernel, group, grad_scale, found_inf, hyper, clip)()
+
+
+@_fused_adopt_cpu_op.register_fake
+def _(*args: object) -> None:
+    """Updates in place, returns nothing: nothing to describe to the compiler."""
+
+
+def _traced_fused_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    has_complex: bool,
+    hyper: _Hyper,
+) -> None:
+    """fused_adopt as torch.compile traces it: each CPU group is one ``adopt::fused_adopt_cpu_``
+    op, with the clip thresholds computed in the graph."""
+    for group in group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex):
+        if group.device.type != "cpu":
+            _plan_cuda(group, grad_scale, found_inf, hyper)()
+            continue
+        _check_supported(group)
+        if _cpu_kernel() is None:
+            _plan_fallback([group], grad_scale, found_inf, hyper)()
+            continue
+        group = _local_group(group)
+        clip_lambda = hyper.clip_lambda
+        exponent, table = None, None
+        if isinstance(clip_lambda, PowerClip):
+            exponent = clip_lambda.exponent
+        elif clip_lambda is not None and hyper.capturable:
+            table = device_thresholds(clip_lambda, group.steps).to(torch.float64)
+        elif clip_lambda is not None:  # the schedule takes host ints: read the steps
+            counts = [max(int(s.item()), 1) for s in group.steps]
+            table = torch.tensor(host_thresholds(clip_lambda, counts), dtype=torch.float64)
+        lr = hyper.lr
+        torch.ops.adopt.fused_adopt_cpu_(
+            *_lists(group), grad_scale, found_inf, lr if not isinstance(lr, Tensor) else 0.0,
+            lr if isinstance(lr, Tensor) else None, hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps,
+            hyper.decouple, hyper.maximize, exponent, table,
+        )
