@@ -36,11 +36,6 @@ with warnings.catch_warnings():
 
 STEPS = 5
 HP = dict(lr=1e-2, weight_decay=1e-2, decouple=True)
-FUSED_OPAQUE = (
-    "the fused CPU path is opaque to dynamo: it warns about the functools.cache in adopt._fused._cpu_kernel "
-    "and breaks the graph at torch.get_num_threads() and the C call _adopt_cpu.step; the kernel needs to be "
-    "a torch.library custom op"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -49,18 +44,6 @@ def _fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _compile_params() -> list[Any]:
-    """Every path; the fused ones are expected to break the graph until the kernel is a custom op."""
-    out = []
-    for param in path_params():
-        (path,) = param.values
-        marks = list(param.marks)
-        if path.startswith("fused"):
-            marks.append(pytest.mark.xfail(strict=True, reason=FUSED_OPAQUE))
-        out.append(pytest.param(path, marks=marks, id=path))
-    return out
 
 
 def _setup(**kw: Any) -> tuple[nn.Module, ADOPT]:
@@ -92,7 +75,7 @@ def _assert_params_equal(model: nn.Module, expected: list[Tensor]) -> None:
         assert torch.equal(p.detach(), e)
 
 
-@pytest.mark.parametrize("path", _compile_params())
+@pytest.mark.parametrize("path", path_params())
 def test_step_traces_as_one_graph(path: str) -> None:
     model, opt = _setup(**HP, **usable_paths()[path])
     model(_batches()[0]).square().mean().backward()
@@ -101,7 +84,7 @@ def test_step_traces_as_one_graph(path: str) -> None:
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("path", _compile_params())
+@pytest.mark.parametrize("path", path_params())
 def test_compiled_step_matches_eager_without_recompiling(path: str) -> None:
     kw = {**HP, **usable_paths()[path]}
     counter = CompileCounter()

@@ -294,26 +294,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     return found
 
 
-def _engine_cases() -> list[Any]:
-    """(engine, path) parameters; the fused C kernel on DTensor (FSDP2) is a known crash."""
-    out = []
-    for engine in RUNNERS:
-        for param in path_params():
-            (path,) = param.values
-            marks = list(param.marks)
-            if engine.startswith("fsdp2") and path.startswith("fused"):
-                marks.append(pytest.mark.xfail(strict=True, reason=DTENSOR_FUSED_CRASH))
-            out.append(pytest.param(engine, path, marks=marks, id=f"{engine}-{path}"))
-    return out
-
-
-DTENSOR_FUSED_CRASH = (
-    "the fused CPU kernel reads DTensor data pointers directly (SIGSEGV); adopt._fused must run it on the "
-    "local shards (DTensor.to_local()); remove this mark once it does"
-)
-
-
-@pytest.mark.parametrize("engine,path", _engine_cases())
+@pytest.mark.parametrize("path", path_params())
+@pytest.mark.parametrize("engine", list(RUNNERS))
 def test_engine_matches_single_process(results: dict[str, dict[str, Any]], engine: str, path: str) -> None:
     entry = results[f"{engine} / {path}"]
     assert "error" not in entry, f"{engine} / {path} raised:\n{entry['error']}"
