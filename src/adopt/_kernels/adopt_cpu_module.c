@@ -10,10 +10,11 @@
  * Fixed cost: a full validation is about 25 attribute reads per parameter. A small cache
  * of "plans" remembers, per list of tensors, weak references to the 5n tensors with the
  * data pointer and byte size each had when validated; when the same objects come back with
- * the same pointers and sizes (every ordinary training step) only those two values are
- * re-read. Any in-place change that could make the memory unsafe to use (.data = ..., set_,
- * resize_, storage resize, a new state tensor) changes the object, the pointer or the size
- * and triggers a full validation. Weak references keep no tensor alive.
+ * the same pointers (every ordinary training step) only the pointers are re-read; a tensor
+ * that changed (a new gradient after zero_grad(set_to_none=True)) is validated on its own.
+ * Anything that could make the recorded memory unsafe to use (.data = ..., set_, a
+ * storage resize, a new state tensor) changes the object or the pointer and triggers a
+ * validation. Weak references keep no tensor alive.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -277,19 +278,17 @@ static plan_t *plan_find(PyObject *first, Py_ssize_t n) {
 }
 
 /*
- * Whether entry j still is the same object with the same data pointer (and, for params,
- * byte size). State tensors and gradients are not resized in place by anything in torch's
- * training loop; a param may be (pruning, resize_), and then its state no longer matches.
+ * Whether entry j still is the same object with the same data pointer. A new pointer (from
+ * .data = ..., set_, a storage resize, a reallocation) means new memory: validate again.
+ * What keeps object and pointer but could change the size (resize_ to fewer elements,
+ * slicing .data in place) keeps the memory the plan was validated on, so using the plan is
+ * memory-safe; a fresh gradient is checked against the size the plan recorded.
  */
-static int entry_unchanged(const plan_t *plan, int l, size_t j, PyObject *x) {
+static int entry_unchanged(const plan_t *plan, size_t j, PyObject *x) {
     if (ref_target(plan->refs[j]) != x) return 0;
     void *ptr;
     if (data_ptr_of(x, &ptr) < 0) return -1;
-    if (ptr != plan->table.ptrs[j]) return 0;
-    if (l != 0) return 1;
-    int64_t nbytes;
-    if (nbytes_of(x, &nbytes) < 0) return -1;
-    return nbytes == plan->table.nbytes[j];
+    return ptr == plan->table.ptrs[j];
 }
 
 /*
@@ -306,7 +305,7 @@ static int plan_refresh(plan_t *plan, PyObject **items[N_LISTS]) {
         for (Py_ssize_t i = 0; i < n && rc == 1; i++) {
             const size_t j = (size_t)l * n + i;
             PyObject *x = items[l][i];
-            const int same = entry_unchanged(plan, l, j, x);
+            const int same = entry_unchanged(plan, j, x);
             if (same != 0) {
                 rc = same;
                 continue;
