@@ -15,6 +15,7 @@ not built, CPU groups run the foreach path instead, after a one-time
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from types import ModuleType
 from typing import Callable, NamedTuple, Optional, Union, cast
@@ -46,10 +47,9 @@ class FusedFallbackWarning(RuntimeWarning):
 def _load_cpu_kernel() -> tuple[Optional[ModuleType], str]:
     """The compiled kernel module (or None) and, when missing, why."""
     try:
-        from ._kernels import _adopt_cpu
+        return importlib.import_module("adopt._kernels._adopt_cpu"), ""
     except ImportError as exc:
         return None, str(exc)
-    return _adopt_cpu, ""
 
 
 # Loaded once at import (plain globals rather than a cache, which torch.compile would trace).
@@ -247,7 +247,7 @@ def _contiguous_group(group: TensorGroup) -> tuple[TensorGroup, list[tuple[Tenso
             ts[i] = original.contiguous()
             if k != 1 and ts[i] is not original:  # grads are only read
                 write_back.append((original, ts[i]))
-    return TensorGroup(*lists, group.steps), write_back
+    return TensorGroup(lists[0], lists[1], lists[2], lists[3], group.steps), write_back
 
 
 def _check_supported(group: TensorGroup) -> None:
@@ -272,16 +272,15 @@ def _local_group(group: TensorGroup) -> TensorGroup:
     lists = _lists(group)
     if all(_owns_memory(t) for ts in lists for t in ts):
         return group
-    try:
+    distributed = torch.distributed.is_available()
+    if distributed:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed: no DTensor to unwrap
-        DTensor = None
     local: list[list[Tensor]] = [[] for _ in lists]
     for i in range(len(group.params)):
         layout = None
         for k, ts in enumerate(lists):
             t = ts[i]
-            if DTensor is not None and isinstance(t, DTensor):
+            if distributed and isinstance(t, DTensor):
                 if layout is None:
                     layout = (t.device_mesh, t.placements)
                 elif (t.device_mesh, t.placements) != layout:
@@ -297,7 +296,7 @@ def _local_group(group: TensorGroup) -> TensorGroup:
                     "use foreach=True"
                 )
             local[k].append(t)
-    return TensorGroup(*local)
+    return TensorGroup(local[0], local[1], local[2], local[3], local[4])
 
 
 def _plan_cpu(
@@ -406,15 +405,15 @@ def _plan_cuda(
         clip = ("power", clip_lambda.exponent)
     else:
         clip = ("tensor", device_thresholds(clip_lambda, group.steps).to(device, torch.float32))
-    lr = hyper.lr
+    lr: Union[float, Tensor] = hyper.lr
     if isinstance(lr, Tensor):
-        lr = lr.item() if lr.is_cpu else _on_device(lr, device)  # a CPU read is not a device sync
+        lr = float(lr) if lr.is_cpu else lr.to(device, non_blocking=True)  # a CPU read is not a device sync
     scale, inf = _on_device(grad_scale, device), _on_device(found_inf, device)
 
     def run() -> None:
         triton_adopt.launch_group(
             group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
-            grad_scale=scale, found_inf=inf, beta1=hyper.beta1, beta2=hyper.beta2, lr=cast(Union[float, Tensor], lr),
+            grad_scale=scale, found_inf=inf, beta1=hyper.beta1, beta2=hyper.beta2, lr=lr,
             clip=clip, weight_decay=hyper.weight_decay, decouple=hyper.decouple, eps=hyper.eps,
             maximize=hyper.maximize,
         )

@@ -11,9 +11,13 @@ same tensors' sizes:
   in-place add ``x.add_(y)`` over one flat tensor of the same total size (3 values per
   element moved), so ``roofline = t_add * 7 / 3``.
 
-Every path gets fresh tensors, takes warm-up steps (ADOPT's first step only initialises
-its state, so it is never timed), then ``--repeats`` timed steps; the table reports the
-median (and min) with ratios to the roofline and to ``AdamW(fused=True)``.
+Every path gets its own tensors and takes warm-up steps (ADOPT's first step only
+initialises its state, so it is never timed). The paths and the in-place add are then
+timed in interleaved rounds: each round gives every one of them one untimed step (to bring
+its data back into cache) and its share of ``--repeats`` timed steps, so a change in the
+machine's load during the run affects all of them alike. The table reports the median
+(and min) with ratios to the roofline and to ``AdamW(fused=True)``. All paths of a case
+are alive together: about 16 bytes per parameter per path (5 paths: 4 GB at 50M).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ DEFAULT_SIZES = "1M:200,50M:10"
 QUICK_SIZES = "200k:50,2M:4"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+ROUNDS = 5  # interleaved timing rounds per case
 
 DESCRIPTION = """\
 Time one optimizer step of every ADOPT path (single-tensor, foreach, fused) and of
@@ -146,7 +151,8 @@ class _Timer:
     def __call__(self, fn: Callable[[], Any]) -> float:
         """Milliseconds ``fn`` takes."""
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             fn()
             end.record()
@@ -176,9 +182,8 @@ def _make_optimizer(path: str, params: list[torch.nn.Parameter]) -> torch.optim.
     return torch.optim.AdamW(params, fused=True)
 
 
-def _time_path(
-    path: str, sizes: list[int], device: torch.device, dtype: torch.dtype, warmup: int, repeats: int, timer: _Timer
-) -> list[float]:
+def _setup_path(path: str, sizes: list[int], device: torch.device, dtype: torch.dtype, warmup: int) -> Callable[[], Any]:
+    """A warmed-up optimizer for fresh tensors of these sizes; returns its step."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(device, dtype)) for n in sizes]
     for p in params:
@@ -186,49 +191,47 @@ def _time_path(
     optimizer = _make_optimizer(path, params)
     for _ in range(warmup + 1):  # +1: ADOPT's first step only initialises v
         optimizer.step()
-    timer.sync()
-    return [timer(optimizer.step) for _ in range(repeats)]
+    return optimizer.step
 
 
-def measure_roofline(
-    total: int, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int, timer: _Timer
-) -> float:
-    """Median milliseconds of ``x.add_(y)`` over ``total`` elements."""
+def _setup_add(total: int, device: torch.device, dtype: torch.dtype, warmup: int) -> Callable[[], Any]:
+    """The roofline's in-place add over one flat tensor of ``total`` elements."""
     x = torch.ones(total, device=device, dtype=dtype)
     y = torch.ones(total, device=device, dtype=dtype)
-    for _ in range(warmup):
+
+    def add() -> None:
         x.add_(y)
-    timer.sync()
-    return statistics.median(timer(lambda: x.add_(y)) for _ in range(repeats))
+
+    for _ in range(warmup):
+        add()
+    return add
 
 
 def _roofline(add_ms: list[float], total: int, itemsize: int) -> dict[str, Any]:
-    """The roofline from the add timings taken before and after a case's paths.
-
-    The faster of the two is used: a machine shared with other work can only make a
-    measurement slower, and a roofline is what the memory system can do.
-    """
-    best = min(add_ms)
+    """Bandwidth of the in-place add (3 values per element) and the step time it implies."""
+    median = statistics.median(add_ms)
     return {
-        "add_ms": best,
-        "add_ms_before_after": add_ms,
-        "bandwidth_gb_s": 3 * itemsize * total / (best * 1e-3) / 1e9,
-        "roofline_ms": best * 7 / 3,
+        "add_ms": median,
+        "add_min_ms": min(add_ms),
+        "bandwidth_gb_s": 3 * itemsize * total / (median * 1e-3) / 1e9,
+        "roofline_ms": median * 7 / 3,
         "bytes_per_element": 7 * itemsize,
     }
 
 
 class _Progress:
-    """A tqdm bar on stderr when tqdm is installed, else one line per measurement."""
+    """A tqdm bar when tqdm is installed and stderr is a terminal, else one line per measurement."""
 
     def __init__(self, total: int) -> None:
         self.total, self.count = total, 0
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, unit="run", file=sys.stderr, leave=False)
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm  # type: ignore[import-untyped]
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, unit="run", file=sys.stderr, leave=False)
 
     def start(self, label: str) -> None:
         """Announce the measurement about to run."""
@@ -285,39 +288,53 @@ def run_cases(
     """Measure every path and the roofline for each case; errors are recorded, not raised."""
     paths = tuple(paths)
     timer = _Timer(device)
-    progress = _Progress(len(cases) * (len(paths) + 2))
+    progress = _Progress(len(cases) * (len(paths) + ROUNDS))
     results = []
     for total, tensors in cases:
         reps = repeats or (3 if quick else 50 if total <= 10_000_000 else 10)
-        sizes = _tensor_sizes(total, tensors)
-        add_ms = []
-        progress.start(f"{_fmt(total)}/{tensors} roofline")
-        add_ms.append(measure_roofline(total, device, dtype, warmup, max(reps, 10), timer))
-        progress.done()
-        rows = []
+        label = f"{_fmt(total)}/{tensors}"
+        steps: dict[str, Callable[[], Any]] = {}
+        rows: dict[str, dict[str, Any]] = {path: {"path": path} for path in paths}
         for path in paths:
-            row: dict[str, Any] = {"path": path}
-            progress.start(f"{_fmt(total)}/{tensors} {path}")
+            progress.start(f"{label} {path}: warm-up")
             try:
-                times = _time_path(path, sizes, device, dtype, warmup, reps, timer)
+                steps[path] = _setup_path(path, _tensor_sizes(total, tensors), device, dtype, warmup)
             except Exception as exc:  # a path that cannot run here (no triton, ...) is reported
-                row["error"] = f"{type(exc).__name__}: {exc}"
-            else:
-                row.update(median_ms=statistics.median(times), min_ms=min(times), times_ms=times)
-            rows.append(row)
+                rows[path]["error"] = f"{type(exc).__name__}: {exc}"
             progress.done()
-        progress.start(f"{_fmt(total)}/{tensors} roofline again")
-        add_ms.append(measure_roofline(total, device, dtype, warmup, max(reps, 10), timer))
-        progress.done()
-        roofline = _roofline(add_ms, total, dtype.itemsize)
-        reference = next((r for r in rows if r["path"] == "adamw-fused" and "median_ms" in r), None)
-        for row in rows:
-            if "median_ms" in row:
-                row["vs_roofline"] = row["median_ms"] / roofline["roofline_ms"]
-                if reference is not None:
-                    row["vs_adamw_fused"] = row["median_ms"] / reference["median_ms"]
-        results.append({"params": total, "tensors": tensors, "repeats": reps, "roofline": roofline, "results": rows})
+        steps["add"] = _setup_add(total, device, dtype, warmup)
+        times = _interleaved(steps, reps, timer, progress, label)
+        del steps
+        roofline = _roofline(times.pop("add"), total, dtype.itemsize)
+        for path, samples in times.items():
+            rows[path].update(median_ms=statistics.median(samples), min_ms=min(samples), times_ms=samples)
+            rows[path]["vs_roofline"] = rows[path]["median_ms"] / roofline["roofline_ms"]
+        reference = times.get("adamw-fused")
+        if reference is not None:
+            for path in times:
+                rows[path]["vs_adamw_fused"] = rows[path]["median_ms"] / statistics.median(reference)
+        results.append(
+            {"params": total, "tensors": tensors, "repeats": reps, "roofline": roofline, "results": list(rows.values())}
+        )
     return results
+
+
+def _interleaved(
+    steps: dict[str, Callable[[], Any]], repeats: int, timer: _Timer, progress: _Progress, label: str
+) -> dict[str, list[float]]:
+    """``repeats`` timings of each callable, taken in ``ROUNDS`` interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(ROUNDS):
+        progress.start(f"{label} round {r + 1}/{ROUNDS}")
+        share = repeats * (r + 1) // ROUNDS - repeats * r // ROUNDS
+        for name, step in steps.items():
+            if share == 0:
+                continue
+            step()  # untimed: brings this step's data back into cache
+            timer.sync()
+            times[name].extend(timer(step) for _ in range(share))
+        progress.done()
+    return times
 
 
 def _fmt(n: int) -> str:
