@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     start = 0
     saved = sorted(args.checkpoint_dir.glob("step-*"), key=lambda d: int(d.name[5:])) if args.checkpoint_dir else []
     if saved:
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
         dcp.load(state, checkpoint_id=saved[-1])
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])

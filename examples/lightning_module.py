@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
-
 import lightning as L
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -26,6 +25,7 @@ class Classifier(L.LightningModule):
     def __init__(self, lr: float = 3e-3, warmup_steps: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.lr, self.warmup_steps = lr, warmup_steps
         self.net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
         self.losses: list[float] = []
 
@@ -35,10 +35,10 @@ class Classifier(L.LightningModule):
         self.losses.append(loss.item())
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = ADOPT(self.parameters(), lr=self.hparams.lr, weight_decay=1e-2, decouple=True)
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = ADOPT(self.parameters(), lr=self.lr, weight_decay=1e-2, decouple=True)
         total = self.trainer.estimated_stepping_batches
-        warmup = self.hparams.warmup_steps
+        warmup = self.warmup_steps
 
         def factor(step: int) -> float:
             if step < warmup:

@@ -21,7 +21,9 @@ FUSED_SKIP: Optional[str] = (
 def path_params() -> list[Any]:
     """``pytest.param`` per path of ``helpers.PATHS``, fused ones marked skip when unusable."""
     skip = pytest.mark.skip(reason=FUSED_SKIP)
-    return [pytest.param(name, marks=skip if name.startswith("fused") and FUSED_SKIP else (), id=name) for name in PATHS]
+    return [
+        pytest.param(name, marks=skip if name.startswith("fused") and FUSED_SKIP else (), id=name) for name in PATHS
+    ]
 
 
 def usable_paths() -> dict[str, dict[str, Any]]:

@@ -41,7 +41,9 @@ from path_params import path_params, usable_paths
 with warnings.catch_warnings():
     # torch.distributed.optim scripts torch's own functional optimizers on import, and
     # torch.jit.script/interface are deprecated in PyTorch 2.13: torch's warning, not ours.
-    warnings.filterwarnings("ignore", message="`torch.jit.(script|interface)` is deprecated", category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.(script|interface)` is deprecated", category=DeprecationWarning
+    )
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -276,7 +278,8 @@ def _table(results: dict[str, dict[str, Any]], paths: list[str]) -> str:
     rows = [f"{'engine':<12}" + "".join(f"{p:>20}" for p in paths)]
     for engine in RUNNERS:
         entries = [results[f"{engine} / {p}"] for p in paths]
-        rows.append(f"{engine:<12}" + "".join(f"{e['max_diff']:>20.3e}" if "max_diff" in e else f"{'ERROR':>20}" for e in entries))
+        cells = (f"{e['max_diff']:>20.3e}" if "max_diff" in e else f"{'ERROR':>20}" for e in entries)
+        rows.append(f"{engine:<12}" + "".join(cells))
     return "\n".join(rows)
 
 

@@ -39,7 +39,9 @@ with warnings.catch_warnings():
     # Importing torch.distributed.optim scripts torch's own functional optimizers, and
     # torch.jit.script / torch.jit.interface warn that they are deprecated (PyTorch >= 2.13):
     # torch's internals, not something a user of this module can act on.
-    warnings.filterwarnings("ignore", message="`torch.jit.(script|interface)` is deprecated", category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.(script|interface)` is deprecated", category=DeprecationWarning
+    )
     from torch.distributed.optim.utils import register_functional_optim
 
 from .functional import adopt
