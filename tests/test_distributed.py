@@ -1,7 +1,8 @@
 """ADOPT on PyTorch's own distributed engines: 2 CPU processes, gloo, loopback only.
 
-One spawned group (the module fixture) runs every engine with every usable path and compares
-each against a single-process run on the full batch:
+The module fixture runs every engine with every usable path in one spawned group (a fresh
+group resumes after a rank crashes, so a crash costs only its own case) and compares each
+against a single-process run on the full batch:
 
 * ``ddp``: ``DistributedDataParallel`` + ``ADOPT``
 * ``fsdp2``: ``fully_shard`` (DTensor parameters and optimizer state) + ``ADOPT``
@@ -11,8 +12,8 @@ each against a single-process run on the full batch:
   into a fresh model and optimizer; the resumed run must equal the uninterrupted one exactly.
 
 Each rank computes the reference itself, the max absolute difference is max-reduced over the
-ranks, and rank 0 writes the table; the tests then check it per engine and path. The group
-runs under a deadline and a collective timeout, so a hang fails instead of blocking.
+ranks, and rank 0 writes the results; the tests then check them per engine and path. Groups
+run under a deadline and a collective timeout, so a hang fails instead of blocking.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import ProcessException
 
 from adopt import ADOPT
 from path_params import path_params, usable_paths
@@ -84,15 +85,11 @@ def _local(batch: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
     return batch[0][rows], batch[1][rows]
 
 
-def _backward(model: nn.Module, x: Tensor, y: Tensor) -> None:
-    F.mse_loss(model(x), y).backward()
-
-
 def _train(model: nn.Module, opt: Optional[Any], batches: list[tuple[Tensor, Tensor]], rank: Optional[int]) -> None:
     """Steps on the full batch (rank None) or this rank's half; ``opt=None`` steps in backward."""
     for batch in batches:
         x, y = batch if rank is None else _local(batch, rank)
-        _backward(model, x, y)
+        F.mse_loss(model(x), y).backward()
         if opt is not None:
             opt.step()
             opt.zero_grad()
