@@ -171,4 +171,4 @@ class FunctionalADOPT:
             )
 
 
-register_functional_optim(FunctionalADOPT, FunctionalADOPT)
+register_functional_optim(FunctionalADOPT, FunctionalADOPT)  # type: ignore[no-untyped-call]  # torch leaves it untyped
