@@ -23,6 +23,7 @@ are alive together: about 16 bytes per parameter per path (5 paths: 4 GB at 50M)
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -233,7 +234,7 @@ class _Progress:
         self.bar: Any = None
         if sys.stderr.isatty():
             try:
-                from tqdm import tqdm  # type: ignore[import-untyped]
+                tqdm = importlib.import_module("tqdm").tqdm  # optional dependency
             except ImportError:
                 pass
             else:
@@ -255,8 +256,9 @@ class _Progress:
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    from adopt._fused import fused_cpu_available
+    from adopt._fused import _cpu_kernel
 
+    kernel = _cpu_kernel()
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": _cpu_name(),
@@ -264,7 +266,8 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "fused_cpu_kernel": fused_cpu_available(),
+        "fused_cpu_kernel": kernel is not None,
+        "fused_cpu_kernel_openmp": kernel is not None and kernel.has_openmp(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -199,8 +199,16 @@ static void process_range(const adopt_cpu_args *a, const tensor_info *info, int6
         .b2c = 1.0 - a->beta2,
         .eps = a->eps,
     };
-    const coef_float kf = {(float)kd.gscale, (float)kd.l2, (float)kd.decay, (float)kd.lr,
-                       (float)kd.b1c,    (float)kd.b2, (float)kd.b2c,   (float)kd.eps};
+    const coef_float kf = {
+        .gscale = (float)kd.gscale,
+        .l2 = (float)kd.l2,
+        .decay = (float)kd.decay,
+        .lr = (float)kd.lr,
+        .b1c = (float)kd.b1c,
+        .b2 = (float)kd.b2,
+        .b2c = (float)kd.b2c,
+        .eps = (float)kd.eps,
+    };
 
     /* Last tensor whose offset is <= lo. */
     int64_t left = 0, right = n - 1;

@@ -534,18 +534,10 @@ static PyObject *py_has_openmp(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(adopt_cpu_has_openmp());
 }
 
-static PyObject *py_clear_cache(PyObject *self, PyObject *unused) {
-    (void)self;
-    (void)unused;
-    for (int s = 0; s < N_PLANS; s++) plan_clear(&plans[s]);
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL, step_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
-    {"clear_cache", py_clear_cache, METH_NOARGS, "Forget every cached plan."},
     {NULL, NULL, 0, NULL},
 };
 
