@@ -11,6 +11,7 @@ the same per-tensor rule (see :mod:`adopt._single_tensor`):
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Callable, Optional, Union
 
 import torch
@@ -39,12 +40,12 @@ def default_path(params: list[Tensor], differentiable: bool, lr: Union[float, Te
     """
     if differentiable or torch.jit.is_scripting() or not params:
         return "single"
-    all_cuda = all(p.device.type == "cuda" for p in params)
+    foreach_allowed = capturable or not isinstance(lr, Tensor)
     if torch.compiler.is_compiling():
-        return "foreach" if all_cuda or not isinstance(lr, Tensor) or capturable else "single"
+        return "foreach" if foreach_allowed else "single"
     if _fused_handles(params):
         return "fused"
-    if all_cuda and not (isinstance(lr, Tensor) and not capturable):
+    if foreach_allowed and all(map(_is_cuda, params)):
         return "foreach"
     return "single"
 
@@ -60,18 +61,28 @@ def fused_cuda_available() -> bool:
 
 
 def _fused_handles(params: list[Tensor]) -> bool:
-    """Whether every parameter is a plain tensor the built fused kernels support."""
-    supported = fused_supported_dtypes()
-    device_types = set()
-    for p in params:
-        if type(p) not in (Tensor, torch.nn.Parameter) or p.dtype not in supported:
-            return False
-        device_types.add(p.device.type)
-    if not device_types <= {"cpu", "cuda"}:
+    """Whether every parameter is a plain tensor the built fused kernels support.
+
+    Runs on every automatic step, so it reads each attribute through C-level ``map``.
+    """
+    if not set(map(type, params)) <= {Tensor, torch.nn.Parameter}:
         return False
-    return ("cpu" not in device_types or fused_cpu_available()) and (
-        "cuda" not in device_types or fused_cuda_available()
-    )
+    if not set(map(_dtype, params)) <= fused_supported_dtypes():
+        return False
+    if all(map(_is_cpu, params)):
+        return fused_cpu_available()
+    if all(map(_is_cpu_or_cuda, params)):
+        return fused_cuda_available() and (not any(map(_is_cpu, params)) or fused_cpu_available())
+    return False
+
+
+_dtype = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+_is_cuda = operator.attrgetter("is_cuda")
+
+
+def _is_cpu_or_cuda(t: Tensor) -> bool:
+    return t.is_cpu or t.is_cuda
 
 
 def adopt(
@@ -108,7 +119,7 @@ def adopt(
             ``torch.jit.script``; a Tensor ``lr`` with ``foreach=True`` and
             ``capturable=False``; ``fused`` with ``foreach`` or ``differentiable``.
     """
-    if not torch.compiler.is_compiling() and not all(isinstance(t, Tensor) for t in state_steps):
+    if not torch.compiler.is_compiling() and not all(issubclass(t, Tensor) for t in set(map(type, state_steps))):
         raise RuntimeError("API has changed, `state_steps` argument must contain a list of singleton tensors")
     if foreach and torch.jit.is_scripting():
         raise RuntimeError("torch.jit.script not supported with foreach optimizers")

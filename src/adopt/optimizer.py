@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Optional, Union, cast
 
 import torch
@@ -13,6 +14,11 @@ from .functional import adopt, fused_cuda_available
 from .schedules import DEFAULT_CLIP, ClipSchedule
 
 __all__ = ["ADOPT"]
+
+_is_sparse = operator.attrgetter("is_sparse")
+_get_exp_avg = operator.itemgetter("exp_avg")
+_get_exp_avg_sq = operator.itemgetter("exp_avg_sq")
+_get_step = operator.itemgetter("step")
 
 
 class ADOPT(Optimizer):
@@ -145,51 +151,87 @@ class ADOPT(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the tensors of parameters with gradients, creating state on first sight."""
-        has_complex = False
+        """Fill the lists with the group's parameters that have gradients and their state.
+
+        Validates first (an error names the parameter), then creates missing state. Returns
+        whether any parameter is complex. ``torch.compile`` runs this method eagerly rather
+        than tracing it, so it may use C-level ``map``: for many small tensors this loop, not
+        the arithmetic, bounds the step time.
+        """
+        all_params = group["params"]
+        all_grads = [p.grad for p in all_params]
+        params.extend([p for p, g in zip(all_params, all_grads) if g is not None])
+        grads.extend([g for g in all_grads if g is not None])
+        if any(map(_is_sparse, grads)):
+            p_idx = next(i for i, g in enumerate(all_grads) if g is not None and g.is_sparse)
+            raise RuntimeError(
+                f"ADOPT does not support sparse gradients: {self._where(group, p_idx)} "
+                f"(shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
+            )
+        if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        states = [state or None for state in map(self.state.get, params)]  # {} is no state, as in torch
+        if group["differentiable"] and any(state and state["step"].requires_grad for state in states):
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        if None in states:
+            self._create_state(group, params, states)
+        ready = cast(list[dict[str, Any]], states)
+        exp_avgs.extend(map(_get_exp_avg, ready))
+        exp_avg_sqs.extend(map(_get_exp_avg_sq, ready))
+        state_steps.extend(map(_get_step, ready))
+        return any(map(Tensor.is_complex, params))
+
+    def _create_state(
+        self, group: dict[str, Any], params: list[Tensor], states: list[Optional[dict[str, Any]]]
+    ) -> None:
+        """Zero state for the parameters seen for the first time (``states[i] is None``)."""
+        if group["fused"]:
+            # Checked once per parameter, when its state is created (as torch's fused Adam does).
+            supported = fused_supported_dtypes()
+            for p, state in zip(params, states):
+                if state is None and (p.dtype not in supported or not (p.is_cpu or p.is_cuda)):
+                    p_idx = next(i for i, q in enumerate(group["params"]) if q is p)
+                    raise RuntimeError(
+                        f"fused=True supports float64/float32/float16/bfloat16 (and complex) tensors on CPU and "
+                        f"CUDA: {self._where(group, p_idx)} is {p.dtype} on {p.device}"
+                    )
         # Steps live on the device where the kernel reads them: capturable, fused, and the
         # automatic choice of the fused path for CUDA parameters.
         auto = group["fused"] is None and group["foreach"] is None and not group["differentiable"]
         on_device = group["capturable"] or group["fused"]
-        for p in group["params"]:
-            if p.grad is None:
+        for i, p in enumerate(params):
+            if states[i] is not None:
                 continue
-            has_complex |= torch.is_complex(p)
-            params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
-            if len(state) == 0:
-                step_on_device = on_device or (auto and p.device.type == "cuda" and fused_cuda_available())
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if step_on_device else "cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
-        return has_complex
+            step_on_device = on_device or (auto and p.is_cuda and fused_cuda_available())
+            self.state.pop(p, None)  # re-added as a new key, so a failed step's rollback removes it
+            states[i] = self.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device if step_on_device else "cpu"),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
 
-    def _check_groups(self) -> None:
-        """Reject what would fail mid-step, before any parameter or state is touched."""
-        for g_idx, group in enumerate(self.param_groups):
-            for p_idx, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if group["fused"] and (p.device.type not in ("cpu", "cuda") or p.dtype not in fused_supported_dtypes()):
-                    raise RuntimeError(
-                        f"fused=True supports float64/float32/float16/bfloat16 (and complex) tensors on CPU and "
-                        f"CUDA: param_groups[{g_idx}]['params'][{p_idx}] is {p.dtype} on {p.device}"
-                    )
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        f"ADOPT does not support sparse gradients: param_groups[{g_idx}]['params'][{p_idx}] "
-                        f"(shape {tuple(p.shape)}) has a sparse gradient"
-                    )
-                state = self.state.get(p)
-                if group["differentiable"] and state and state["step"].requires_grad:
-                    raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-            if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
-                raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    def _where(self, group: dict[str, Any], p_idx: int) -> str:
+        g_idx = next(i for i, g in enumerate(self.param_groups) if g is group)
+        return f"param_groups[{g_idx}]['params'][{p_idx}]"
+
+    def _prepare(self) -> list[tuple[dict[str, Any], list[list[Tensor]], bool]]:
+        """Every group's tensor lists, all validated before any update runs.
+
+        If a group fails validation, state created for earlier groups in this call is
+        removed again, so a failed ``step()`` leaves the optimizer as it was.
+        """
+        known = len(self.state)
+        prepared = []
+        try:
+            for group in self.param_groups:
+                lists: list[list[Tensor]] = [[], [], [], [], []]
+                has_complex = self._init_group(group, *lists)
+                prepared.append((group, lists, has_complex))
+        except Exception:
+            for p in list(self.state)[known:]:
+                del self.state[p]
+            raise
+        return prepared
 
     @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
@@ -199,15 +241,7 @@ class ADOPT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_groups()
-
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps), has_complex in self._prepare():
             beta1, beta2 = group["betas"]
             adopt(
                 params,
