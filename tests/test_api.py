@@ -415,3 +415,82 @@ def test_version_comes_from_package_metadata():
     from importlib.metadata import version
 
     assert adopt_pkg.__version__ == version("adopt-optim")
+
+
+# ---------------------------------------------------------------- path choice
+
+def test_automatic_path_choice(monkeypatch):
+    from adopt import functional
+
+    cpu = [torch.nn.Parameter(torch.randn(3))]
+    assert functional.default_path(cpu, differentiable=True, lr=1e-3, capturable=False) == "single"
+    monkeypatch.setattr(functional, "fused_cpu_available", lambda: True)
+    assert functional.default_path(cpu, differentiable=False, lr=1e-3, capturable=False) == "fused"
+    assert functional.default_path([torch.zeros(3, dtype=torch.int64)], False, 1e-3, False) == "single"
+    monkeypatch.setattr(functional, "fused_cpu_available", lambda: False)
+    assert functional.default_path(cpu, differentiable=False, lr=1e-3, capturable=False) == "single"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert functional.default_path(cpu, differentiable=False, lr=1e-3, capturable=False) == "foreach"
+    assert functional.default_path(cpu, differentiable=False, lr=torch.tensor(0.1), capturable=False) == "single"
+
+
+def test_default_optimizer_on_cpu_runs_the_fused_kernel_when_built(monkeypatch):
+    from adopt import _fused, functional
+
+    calls = []
+    monkeypatch.setattr(functional, "fused_adopt", lambda *a, **k: calls.append(a) or _fused.fused_adopt(*a, **k))
+    p = _param()
+    opt = ADOPT([p])
+    p.grad = torch.randn(3)
+    opt.step()
+    assert len(calls) == int(_fused.fused_cpu_available())
+
+
+def test_fused_path_calls_schedules_with_the_same_kinds():
+    seen = []
+
+    def schedule(step):
+        seen.append(step)
+        return step ** 0.5
+
+    for capturable in (False, True):
+        seen.clear()
+        p = _param()
+        opt = ADOPT([p], clip_lambda=schedule, fused=True, capturable=capturable)
+        for _ in range(3):
+            p.grad = torch.randn(3)
+            opt.step()
+        assert seen and {type(s) for s in seen} == ({torch.Tensor} if capturable else {int})
+
+
+# torch's own warnings: one when compiling first imports torch.utils.mkldnn, one when dynamo
+# wraps the non-leaf `loss` as an input of the frame it resumes after backward().
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
+def test_compiled_training_step_with_backward_matches_eager():
+    """forward, backward and step in one compiled function (backward splits the graph there)."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        return model, ADOPT(model.parameters(), lr=1e-2, weight_decay=1e-2, decouple=True)
+
+    x = torch.randn(16, 4)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, opt = make()
+
+        def train_step():
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        step = torch.compile(train_step, backend="eager") if compiled else train_step
+        losses = [step() for _ in range(4)]
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (eager_losses, eager_params), (comp_losses, comp_params) = results
+    torch.testing.assert_close(comp_losses, eager_losses)
+    for a, b in zip(comp_params, eager_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
