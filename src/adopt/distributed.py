@@ -46,7 +46,7 @@ with warnings.catch_warnings():
 
 from .functional import adopt
 from .optimizer import _validate_hyperparameters
-from .schedules import DEFAULT_CLIP, ClipSchedule
+from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
 __all__ = ["FunctionalADOPT"]
 
@@ -88,8 +88,7 @@ class FunctionalADOPT:
         _allow_empty_param_list: bool = False,
     ) -> None:
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
-        if clip_lambda is not None and not callable(clip_lambda):
-            raise ValueError(f"clip_lambda must be callable or None, got {clip_lambda!r}")
+        check_schedule(clip_lambda)
         if len(params) == 0 and not _allow_empty_param_list:
             raise ValueError("optimizer got an empty parameter list")
         self.defaults: dict[str, Any] = dict(

@@ -11,7 +11,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiab
 
 from ._fused import fused_supported_dtypes
 from .functional import adopt, fused_cuda_available
-from .schedules import DEFAULT_CLIP, ClipSchedule
+from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
 __all__ = ["ADOPT"]
 
@@ -79,8 +79,7 @@ class ADOPT(Optimizer):
         fused: Optional[bool] = None,
     ) -> None:
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
-        if clip_lambda is not None and not callable(clip_lambda):
-            raise ValueError(f"clip_lambda must be callable or None, got {clip_lambda!r}")
+        check_schedule(clip_lambda)
         if fused:
             if differentiable:
                 raise RuntimeError("`fused` does not support `differentiable`")

@@ -67,6 +67,12 @@ class PowerClip:
 DEFAULT_CLIP = PowerClip(0.25)
 
 
+def check_schedule(clip_lambda: object) -> None:
+    """Raise ValueError unless ``clip_lambda`` is a callable schedule or None."""
+    if clip_lambda is not None and not callable(clip_lambda):
+        raise ValueError(f"clip_lambda must be callable or None, got {clip_lambda!r}")
+
+
 def host_thresholds(clip_lambda: ClipSchedule, steps: list[int]) -> list[float]:
     """Evaluate the schedule once per distinct step count (steps on the host)."""
     cache: dict[int, float] = {}
