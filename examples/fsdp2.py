@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(f"{world} processes, steps {start}..{start + args.steps}")
         print(f"loss {losses[0]:.4f} -> {sum(losses[-5:]) / 5:.4f}")
+    # Every rank reaches the end before any tears gloo down: without this, a rank that
+    # destroys the group while its peer is still busy can abort at exit ("terminate called
+    # without an active exception"), as it does with torch.optim.Adam too.
+    dist.barrier()
     dist.destroy_process_group()
 
 
