@@ -10,7 +10,6 @@ the same per-tensor rule (see :mod:`adopt._single_tensor`):
 
 from __future__ import annotations
 
-import functools
 import operator
 from typing import Callable, Optional, Union
 
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._foreach import foreach_adopt
-from ._fused import fused_adopt, fused_cpu_available, fused_supported_dtypes
+from ._fused import fused_adopt, fused_cpu_available, fused_cuda_available, fused_supported_dtypes
 from ._single_tensor import single_tensor_adopt
 from .schedules import ClipSchedule
 
@@ -48,16 +47,6 @@ def default_path(params: list[Tensor], differentiable: bool, lr: Union[float, Te
     if foreach_allowed and all(map(_is_cuda, params)):
         return "foreach"
     return "single"
-
-
-@functools.cache
-def fused_cuda_available() -> bool:
-    """Whether ``fused=True`` can run on CUDA here: a GPU and an importable triton."""
-    if not torch.cuda.is_available():
-        return False
-    from ._kernels import triton_adopt
-
-    return triton_adopt.triton_available()
 
 
 def _fused_handles(params: list[Tensor]) -> bool:

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
-from ._fused import fused_supported_dtypes
-from .functional import adopt, fused_cuda_available
+from ._fused import fused_cuda_available, fused_supported_dtypes
+from .functional import adopt
 from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
 __all__ = ["ADOPT"]
