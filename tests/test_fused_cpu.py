@@ -508,3 +508,36 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
     paths = {row["path"]: row for row in case["results"]}
     assert set(paths) == {"adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused"}
     assert all("median_ms" in row and row["vs_roofline"] > 0 for row in paths.values())
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compiled_fused_step_with_a_custom_schedule_matches_eager(capturable: bool) -> None:
+    """Under torch.compile a custom schedule becomes the op's per-tensor threshold table.
+
+    Dynamo traces every torch.optim step as capturable, so both cases reach the schedule with
+    step tensors; the results must still equal eager's (where capturable=False passes ints)."""
+    with warnings.catch_warnings():  # torch's own deprecation warning when compiling imports mkldnn
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import torch.utils.mkldnn  # noqa: F401
+
+    def run(compile_step: bool) -> list[Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        # 0.2 + s/10 binds at every step, so the thresholds decide the result.
+        optimizer = ADOPT(model.parameters(), lr=1e-2, clip_lambda=lambda s: 0.2 + s / 10, fused=True,
+                          capturable=capturable)
+        step = torch.compile(optimizer.step, backend="eager") if compile_step else optimizer.step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(8, 4, generator=gen)).square().mean().backward()
+            step()
+            optimizer.zero_grad()
+        return [t for p in model.parameters() for t in (p.detach(), *optimizer.state[p].values())]
+
+    torch._dynamo.reset()
+    try:
+        compiled = run(compile_step=True)
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(compiled, run(compile_step=False), strict=True):
+        assert torch.equal(got, want)

@@ -183,25 +183,44 @@ def _cpu_scalar(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 _CpuClip = tuple[int, Optional[Tensor], float]  # the C kernel's clip mode, threshold table, exponent
+# How the C kernel clips: (exponent, None) evaluates s ** exponent in the kernel, (None, table)
+# takes one float64 threshold per tensor, (None, None) does not clip.
+_ClipSpec = tuple[Optional[float], Optional[Tensor]]
+
+
+def _clip_spec(
+    hyper: _Hyper, state_steps: list[Tensor], read_counts: Callable[[list[Tensor]], Optional[list[int]]]
+) -> Optional[_ClipSpec]:
+    """The clip of a CPU group; None if its steps are not CPU scalars ``read_counts`` can read."""
+    clip = hyper.clip_lambda
+    if clip is None:
+        return None, None
+    if isinstance(clip, PowerClip):
+        return clip.exponent, None
+    if hyper.capturable:
+        if not all(s.is_cpu for s in state_steps):
+            return None
+        return None, device_thresholds(clip, state_steps).to(torch.float64).contiguous()
+    counts = read_counts(state_steps)
+    if counts is None:
+        return None
+    # A tensor at its first step is not clipped; evaluate the schedule at 1 as foreach does.
+    return None, torch.tensor(host_thresholds(clip, [max(s, 1) for s in counts]), dtype=torch.float64)
+
+
+def _kernel_clip(kernel: ModuleType, spec: _ClipSpec) -> _CpuClip:
+    exponent, table = spec
+    if exponent is not None:
+        return kernel.CLIP_POWER, None, exponent
+    if table is not None:
+        return kernel.CLIP_TABLE, table, 0.0
+    return kernel.CLIP_NONE, None, 0.0
 
 
 def _cpu_clip(kernel: ModuleType, state_steps: list[Tensor], hyper: _Hyper) -> Optional[_CpuClip]:
     """The clip arguments of the C kernel; None if the steps are not CPU float32 scalars."""
-    clip = hyper.clip_lambda
-    if clip is None:
-        return kernel.CLIP_NONE, None, 0.0
-    if isinstance(clip, PowerClip):
-        return kernel.CLIP_POWER, None, clip.exponent
-    if hyper.capturable:
-        if not all(s.is_cpu for s in state_steps):
-            return None
-        return kernel.CLIP_TABLE, device_thresholds(clip, state_steps).to(torch.float64).contiguous(), 0.0
-    counts = kernel.host_steps(state_steps)
-    if counts is None:
-        return None
-    # A tensor at its first step is not clipped; evaluate the schedule at 1 as foreach does.
-    thresholds = host_thresholds(clip, [max(s, 1) for s in counts])
-    return kernel.CLIP_TABLE, torch.tensor(thresholds, dtype=torch.float64), 0.0
+    spec = _clip_spec(hyper, state_steps, kernel.host_steps)
+    return None if spec is None else _kernel_clip(kernel, spec)
 
 
 def _run_cpu(
@@ -449,12 +468,7 @@ def _fused_adopt_cpu_op(
     in its graph (the C call itself is opaque to it). ``clip_exponent``: ``s ** exponent``
     thresholds; ``clip_table``: one float64 threshold per tensor; neither: no clipping."""
     kernel = cast(ModuleType, _cpu_kernel())
-    if clip_exponent is not None:
-        clip: _CpuClip = (kernel.CLIP_POWER, None, clip_exponent)
-    elif clip_table is not None:
-        clip = (kernel.CLIP_TABLE, clip_table, 0.0)
-    else:
-        clip = (kernel.CLIP_NONE, None, 0.0)
+    clip = _kernel_clip(kernel, (clip_exponent, clip_table))
     hyper = _Hyper(beta1, beta2, lr if lr_tensor is None else lr_tensor, None, weight_decay, decouple, eps, maximize, False)
     group = TensorGroup(params, grads, exp_avgs, exp_avg_sqs, state_steps)
     _plan_cpu_group(kernel, group, grad_scale, found_inf, hyper, clip)()
@@ -487,15 +501,11 @@ def _traced_fused_adopt(
             _plan_fallback([group], grad_scale, found_inf, hyper)()
             continue
         group = _local_group(group)
-        clip_lambda = hyper.clip_lambda
-        exponent, table = None, None
-        if isinstance(clip_lambda, PowerClip):
-            exponent = clip_lambda.exponent
-        elif clip_lambda is not None and hyper.capturable:
-            table = device_thresholds(clip_lambda, group.steps).to(torch.float64)
-        elif clip_lambda is not None:  # the schedule takes host ints: read the steps
-            counts = [max(int(s.item()), 1) for s in group.steps]
-            table = torch.tensor(host_thresholds(clip_lambda, counts), dtype=torch.float64)
+        # A schedule that takes host ints needs the steps read; the kernel validates them.
+        spec = _clip_spec(hyper, group.steps, lambda steps: [int(s.item()) for s in steps])
+        if spec is None:
+            raise ValueError("fused ADOPT on CPU needs each state step as a float32 CPU scalar tensor")
+        exponent, table = spec
         lr = hyper.lr
         torch.ops.adopt.fused_adopt_cpu_(
             *_lists(group), grad_scale, found_inf, lr if not isinstance(lr, Tensor) else 0.0,
