@@ -494,3 +494,15 @@ def test_compiled_training_step_with_backward_matches_eager():
     torch.testing.assert_close(comp_losses, eager_losses)
     for a, b in zip(comp_params, eager_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if "capturable" not in p])
+def test_schedule_is_never_called_at_step_zero_on_the_host(path):
+    """Tensors at their first step are not clipped, so a schedule undefined at 0 is fine."""
+    init, grads = make_problem(5, seed=4)
+    clip = lambda s: 1 / s  # noqa: E731 - a ZeroDivisionError if ever called with int 0
+    params, opt = run_adopt(init, grads, lr=0.05, clip_lambda=clip, **PATHS[path])
+    states = run_oracle(init, grads, lr=0.05, beta1=0.9, beta2=0.9999, eps=1e-6, clip=clip, weight_decay=0.0,
+                        decouple=False, maximize=False)
+    for p, st in zip(params, states):
+        torch.testing.assert_close(real64(p), st.p, rtol=1e-9, atol=1e-12)

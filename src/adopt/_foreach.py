@@ -61,7 +61,7 @@ def foreach_adopt(
         else:
             counts = [int(s.item()) for s in group.steps]
             host_steps.append(counts)
-            clips.append(None if clip_lambda is None else host_thresholds(clip_lambda, [max(s, 1) for s in counts]))
+            clips.append(None if clip_lambda is None else host_thresholds(clip_lambda, counts))
 
     for group, counts, clip in zip(groups, host_steps, clips):
         dev_grads = group.grads

@@ -204,8 +204,7 @@ def _clip_spec(
     counts = read_counts(state_steps)
     if counts is None:
         return None
-    # A tensor at its first step is not clipped; evaluate the schedule at 1 as foreach does.
-    return None, torch.tensor(host_thresholds(clip, [max(s, 1) for s in counts]), dtype=torch.float64)
+    return None, torch.tensor(host_thresholds(clip, counts), dtype=torch.float64)
 
 
 def _kernel_clip(kernel: ModuleType, spec: _ClipSpec) -> _CpuClip:

@@ -74,10 +74,15 @@ def check_schedule(clip_lambda: object) -> None:
 
 
 def host_thresholds(clip_lambda: ClipSchedule, steps: list[int]) -> list[float]:
-    """Evaluate the schedule once per distinct step count (steps on the host)."""
+    """Evaluate the schedule once per distinct step count (steps on the host).
+
+    A tensor at its first step (``s == 0``) is not clipped; its entry is the schedule at 1,
+    so a schedule is never called with 0 (``lambda s: 1 / s`` stays valid).
+    """
     cache: dict[int, float] = {}
     out = []
     for s in steps:
+        s = max(s, 1)
         if s not in cache:
             cache[s] = float(clip_lambda(s))
         out.append(cache[s])
