@@ -3,7 +3,9 @@
 * CPU: the C kernel ``adopt._kernels._adopt_cpu`` (OpenMP threads, vectorised), one call
   per dtype group. The kernel validates every tensor before it touches any, reads each
   tensor's data pointer itself and caches what it validated, so the Python side of a step
-  costs a handful of attribute reads.
+  costs a handful of attribute reads. :func:`fused_cpu_step` goes further for
+  ``ADOPT.step()``: one C call gathers every group's tensors from the optimizer's state
+  and updates them.
 * CUDA: ``adopt._kernels.triton_adopt.launch_group``, one launch per device and dtype
   group, with steps, ``lr``, clip thresholds and ``found_inf`` read on the device.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from types import ModuleType
-from typing import Callable, NamedTuple, Optional, Union, cast
+from typing import Any, Callable, NamedTuple, Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -29,6 +31,7 @@ from .schedules import ClipSchedule, PowerClip, device_thresholds, host_threshol
 
 __all__ = [
     "fused_adopt",
+    "fused_cpu_step",
     "fused_cpu_available",
     "fused_cuda_available",
     "fused_supported_dtypes",
@@ -159,6 +162,50 @@ def fused_adopt(
         runs.insert(0, _plan_cpu(cpu_groups, grad_scale, found_inf, hyper))
     for run in runs:
         run()
+
+
+def fused_cpu_step(
+    param_groups: list[dict[str, Any]],
+    state: dict[Tensor, dict[str, Any]],
+    clip_lambda: Optional[ClipSchedule],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+) -> bool:
+    """An optimizer's whole step in one call of the C kernel, when it can take it.
+
+    That is the steady state of CPU training: every group runs the fused path (``fused=True``
+    or the automatic choice), the clip is :class:`PowerClip` or None, and every parameter
+    with a gradient already has state. Then the per-parameter bookkeeping (gradients, state
+    lookups, pointers) happens in C. Returns False, having changed nothing, when the general
+    path must run the step instead: the first step, a custom schedule, complex or CUDA
+    tensors, anything to convert, or an error to report.
+    """
+    if torch.compiler.is_compiling() or _CPU_KERNEL is None:
+        return False
+    kernel = _CPU_KERNEL
+    if clip_lambda is None:
+        mode, exponent = kernel.CLIP_NONE, 0.0
+    elif isinstance(clip_lambda, PowerClip):
+        mode, exponent = kernel.CLIP_POWER, clip_lambda.exponent
+    else:
+        return False
+    specs = []
+    for group in param_groups:
+        fused = group["fused"]
+        if not (fused or (fused is None and group["foreach"] is None and not group["differentiable"])):
+            return False
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if not lr.is_cpu:
+                return False
+            lr = float(lr)
+        beta1, beta2 = group["betas"]
+        specs.append(
+            (group["params"], lr, beta1, beta2, group["weight_decay"], group["eps"], exponent, mode,
+             group["decouple"], group["maximize"])
+        )
+    status = kernel.step_groups(specs, state, grad_scale, found_inf, torch.get_num_threads())
+    return cast(int, status) == kernel.DONE
 
 
 class _Hyper(NamedTuple):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
-from ._fused import fused_cuda_available, fused_supported_dtypes
+from ._fused import fused_cpu_step, fused_cuda_available, fused_supported_dtypes
 from .functional import adopt
 from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
@@ -240,6 +240,9 @@ class ADOPT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if fused_cpu_step(self.param_groups, self.state, self.clip_lambda, grad_scale, found_inf):
+            return loss  # the common CPU case, done in one C call; otherwise the general path:
         for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps), has_complex in self._prepare():
             beta1, beta2 = group["betas"]
             adopt(
@@ -252,8 +255,8 @@ class ADOPT(Optimizer):
                 capturable=group["capturable"],
                 differentiable=group["differentiable"],
                 fused=group["fused"],
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
+                grad_scale=grad_scale,
+                found_inf=found_inf,
                 has_complex=has_complex,
                 beta1=beta1,
                 beta2=beta2,

@@ -1,11 +1,18 @@
 /*
  * CPython binding of the fused CPU kernel: adopt._kernels._adopt_cpu.
  *
- * step() takes the optimizer's tensor lists directly and reads each tensor's data pointer,
- * size, dtype, device and contiguity through the tensor's own Python attributes, so the
- * module needs no PyTorch headers. Everything is validated before the kernel runs: a call
- * either changes nothing (it raises, or returns a status asking the caller to regroup or to
- * make tensors contiguous) or runs the whole step.
+ * Two entry points share one validation:
+ * - step() takes the tensor lists of the functional API;
+ * - step_groups() takes an optimizer's param groups and state dict and gathers the lists
+ *   itself, for ADOPT.step()'s steady state (every parameter with a gradient has state).
+ *   It never reports a problem: whenever anything needs the general path (no state yet, a
+ *   tensor it cannot read, an error to raise) it declines, having changed nothing.
+ *
+ * Each tensor's data pointer, size, dtype, device and contiguity are read through the
+ * tensor's own Python attributes, so the module needs no PyTorch headers. Everything is
+ * validated before the kernel runs: a call either changes nothing (it raises, declines, or
+ * returns a status asking the caller to regroup or to make tensors contiguous) or runs the
+ * whole step.
  *
  * Fixed cost: a full validation is about 25 attribute reads per parameter. A small cache
  * of "plans" remembers, per list of tensors, weak references to the 5n tensors with the
@@ -29,6 +36,7 @@
 #define STATUS_NEEDS_GROUPING 1   /* params of several dtypes or a tensor off the CPU */
 #define STATUS_NEEDS_CONTIGUOUS 2 /* some tensor is not contiguous */
 #define STATUS_NEEDS_UNWRAP 3     /* a tensor subclass that wraps others (DTensor, ...) */
+#define STATUS_DECLINED 4         /* step_groups(): the general path must run this step */
 
 #define N_LISTS 5 /* params, grads, exp_avgs, exp_avg_sqs, state_steps */
 #define N_PLANS 8
@@ -36,7 +44,9 @@
 /* torch._C.TensorBase's own descriptors, called directly: no per-call attribute lookup,
  * and a TypeError for anything that is not a tensor. */
 static PyObject *attr_data_ptr, *attr_is_contiguous; /* method descriptors */
-static PyObject *attr_nbytes, *attr_dtype, *attr_is_cpu; /* getset descriptors */
+static PyObject *attr_nbytes, *attr_dtype, *attr_is_cpu, *attr_grad; /* getset descriptors */
+/* The keys of a parameter's state dict. */
+static PyObject *str_exp_avg, *str_exp_avg_sq, *str_step;
 /* torch.Tensor, torch.nn.Parameter, and what __torch_dispatch__ is on every tensor type
  * that owns its memory (wrapper subclasses such as DTensor override it). */
 static PyObject *tensor_type, *parameter_type, *disabled_dispatch, *str_torch_dispatch;
@@ -328,43 +338,70 @@ static int plan_refresh(plan_t *plan, PyObject **items[N_LISTS]) {
     return rc;
 }
 
-/* Stores a validated table (taking ownership) as the plan for these lists. */
-static void plan_store(plan_t *slot, table_t *table, PyObject **items[N_LISTS]) {
+/* Stores a copy of a validated table as the plan for these lists (caching is optional:
+ * nothing is stored when memory is short or a tensor is not weak-referenceable). */
+static void plan_store(plan_t *slot, const table_t *table, PyObject **items[N_LISTS]) {
     const Py_ssize_t n = table->n;
+    table_t copy;
+    if (table_alloc(&copy, n) < 0) {
+        PyErr_Clear();
+        return;
+    }
+    copy.dtype = table->dtype;
+    memcpy(copy.ptrs, table->ptrs, (size_t)n * N_LISTS * sizeof(void *));
+    memcpy(copy.nbytes, table->nbytes, (size_t)n * 5 * sizeof(int64_t));
     PyObject **refs = (PyObject **)calloc((size_t)n * N_LISTS, sizeof(PyObject *));
-    if (refs == NULL) return; /* caching is optional */
-    for (size_t j = 0; j < (size_t)n * N_LISTS; j++) {
+    for (size_t j = 0; refs != NULL && j < (size_t)n * N_LISTS; j++) {
         refs[j] = PyWeakref_NewRef(items[j / n][j % n], NULL);
-        if (refs[j] == NULL) { /* not weak-referenceable: do not cache */
+        if (refs[j] == NULL) {
             PyErr_Clear();
             for (size_t k = 0; k < j; k++) Py_DECREF(refs[k]);
             free(refs);
-            return;
+            refs = NULL;
         }
     }
+    if (refs == NULL) {
+        table_free(&copy);
+        return;
+    }
     plan_clear(slot);
-    slot->table = *table;
+    slot->table = copy;
     slot->refs = refs;
-    table->ptrs = NULL;
-    table->nbytes = NULL;
-    table->n = 0;
 }
 
-/* ---- step() -------------------------------------------------------------------------- */
+/*
+ * Validated pointers of the lists (n > 0 entries each) in `table`, allocated here. With
+ * `cache`, a plan for the same tensors is refreshed instead of validating from scratch, and
+ * a fresh validation is remembered. The table is this call's own copy: the cache may change
+ * while the kernel runs without the GIL. Returns a status or -1.
+ */
+static int prepare(PyObject **items[N_LISTS], Py_ssize_t n, int cache, table_t *table) {
+    if (table_alloc(table, n) < 0) return -1;
+    plan_t *plan = cache ? plan_find(items[0][0], n) : NULL;
+    const int hit = plan != NULL ? plan_refresh(plan, items) : 0;
+    if (hit < 0) return -1;
+    if (hit) {
+        memcpy(table->ptrs, plan->table.ptrs, (size_t)n * N_LISTS * sizeof(void *));
+        memcpy(table->numel, plan->table.numel, (size_t)n * sizeof(int64_t));
+        table->dtype = plan->table.dtype;
+        return STATUS_DONE;
+    }
+    const int status = validate(items, table);
+    if (status != STATUS_DONE || !cache) return status;
+    if (plan == NULL) { /* a dropped plan's slot is reused, else the oldest one */
+        plan = &plans[next_victim];
+        next_victim = (next_victim + 1) % N_PLANS;
+    }
+    plan_store(plan, table, items);
+    return STATUS_DONE;
+}
 
-PyDoc_STRVAR(step_doc,
-             "step(params, grads, exp_avgs, exp_avg_sqs, state_steps, clip_table, grad_scale,\n"
-             "     found_inf, lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode,\n"
-             "     decouple, maximize, num_threads, cache, dry_run) -> int\n\n"
-             "One fused ADOPT step over CPU tensors of one dtype (float32/64, float16, "
-             "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS / NEEDS_UNWRAP without "
-             "changing anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
-             "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). cache: "
-             "remember the\nvalidated tensors for the next call (pass False for temporary "
-             "views). dry_run:\nvalidate only (same result, nothing runs).");
+/* ---- hyperparameters and the kernel call ------------------------------------------------ */
 
-/* Positional arguments of step(): 8 objects, 6 floats, 2 ints interleaved with bools. */
-#define STEP_NARGS 20
+typedef struct {
+    double lr, beta1, beta2, weight_decay, eps, clip_exponent;
+    int clip_mode, decouple, maximize;
+} hyper_t;
 
 static int float_arg(PyObject *const *args, int i, double *out) {
     *out = PyFloat_AsDouble(args[i]);
@@ -382,6 +419,72 @@ static int bool_arg(PyObject *const *args, int i, int *out) {
     return *out < 0 ? -1 : 0;
 }
 
+/* Reads lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode, decouple, maximize
+ * from args[0..8]. */
+static int hyper_args(PyObject *const *args, hyper_t *h) {
+    if (float_arg(args, 0, &h->lr) || float_arg(args, 1, &h->beta1) || float_arg(args, 2, &h->beta2) ||
+        float_arg(args, 3, &h->weight_decay) || float_arg(args, 4, &h->eps) ||
+        float_arg(args, 5, &h->clip_exponent) || int_arg(args, 6, &h->clip_mode) ||
+        bool_arg(args, 7, &h->decouple) || bool_arg(args, 8, &h->maximize))
+        return -1;
+    if (h->clip_mode < ADOPT_CLIP_NONE || h->clip_mode > ADOPT_CLIP_POWER) {
+        PyErr_Format(PyExc_ValueError, "unknown clip_mode %d", h->clip_mode);
+        return -1;
+    }
+    return 0;
+}
+
+static adopt_cpu_args kernel_args(const table_t *t, const hyper_t *h, const double *clip_table,
+                                  const float *grad_scale, const float *found_inf, int num_threads) {
+    const size_t n = (size_t)t->n;
+    const adopt_cpu_args a = {
+        .n_tensors = t->n,
+        .p = t->ptrs,
+        .g = t->ptrs + n,
+        .m = t->ptrs + 2 * n,
+        .v = t->ptrs + 3 * n,
+        .numel = t->numel,
+        .step = (float *const *)(t->ptrs + 4 * n),
+        .dtype = (adopt_dtype)t->dtype,
+        .clip_mode = (adopt_clip_mode)h->clip_mode,
+        .clip_table = clip_table,
+        .clip_exponent = h->clip_exponent,
+        .grad_scale = grad_scale,
+        .found_inf = found_inf,
+        .lr = h->lr,
+        .beta1 = h->beta1,
+        .beta2 = h->beta2,
+        .weight_decay = h->weight_decay,
+        .eps = h->eps,
+        .decouple = h->decouple,
+        .maximize = h->maximize,
+        .num_threads = num_threads,
+    };
+    return a;
+}
+
+/* An AMP scalar argument: NULL for None, else its float32 CPU buffer. */
+static int amp_scalar(PyObject *t, const char *name, const float **out) {
+    *out = NULL;
+    return t == Py_None ? 0 : float_buffer(t, name, (float **)out);
+}
+
+/* ---- step() -------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(step_doc,
+             "step(params, grads, exp_avgs, exp_avg_sqs, state_steps, clip_table, grad_scale,\n"
+             "     found_inf, lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode,\n"
+             "     decouple, maximize, num_threads, cache, dry_run) -> int\n\n"
+             "One fused ADOPT step over CPU tensors of one dtype (float32/64, float16, "
+             "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS / NEEDS_UNWRAP without "
+             "changing anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
+             "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). cache: "
+             "remember the\nvalidated tensors for the next call (pass False for temporary "
+             "views). dry_run:\nvalidate only (same result, nothing runs).");
+
+/* Positional arguments of step(): 8 objects, then the hyperparameters, then 3 ints. */
+#define STEP_NARGS 20
+
 /* METH_FASTCALL: no argument tuple is built per call (a tuple per step would also feed
  * the garbage collector's allocation counter). */
 static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -391,16 +494,11 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                             STEP_NARGS, nargs);
     PyObject *const *lists = args;
     PyObject *clip_table = args[5], *grad_scale = args[6], *found_inf = args[7];
-    double lr, beta1, beta2, weight_decay, eps, clip_exponent;
-    int clip_mode, decouple, maximize, num_threads, cache, dry_run;
-    if (float_arg(args, 8, &lr) || float_arg(args, 9, &beta1) || float_arg(args, 10, &beta2) ||
-        float_arg(args, 11, &weight_decay) || float_arg(args, 12, &eps) ||
-        float_arg(args, 13, &clip_exponent) || int_arg(args, 14, &clip_mode) ||
-        bool_arg(args, 15, &decouple) || bool_arg(args, 16, &maximize) ||
-        int_arg(args, 17, &num_threads) || bool_arg(args, 18, &cache) || bool_arg(args, 19, &dry_run))
+    hyper_t h;
+    int num_threads, cache, dry_run;
+    if (hyper_args(args + 8, &h) || int_arg(args, 17, &num_threads) || bool_arg(args, 18, &cache) ||
+        bool_arg(args, 19, &dry_run))
         return NULL;
-    if (clip_mode < ADOPT_CLIP_NONE || clip_mode > ADOPT_CLIP_POWER)
-        return PyErr_Format(PyExc_ValueError, "unknown clip_mode %d", clip_mode);
 
     PyObject *fast[N_LISTS] = {NULL, NULL, NULL, NULL, NULL};
     PyObject **items[N_LISTS];
@@ -422,57 +520,20 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         result = PyLong_FromLong(STATUS_DONE);
         goto done;
     }
-
-    if (table_alloc(&table, n) < 0) goto done;
-    plan_t *plan = cache ? plan_find(items[0][0], n) : NULL;
-    plan_t *slot = plan;
-    const int hit = plan != NULL ? plan_refresh(plan, items) : 0;
-    if (hit < 0) goto done;
-    if (hit) {
-        /* The kernel gets a copy: the cache may change once the GIL is released. */
-        memcpy(table.ptrs, plan->table.ptrs, (size_t)n * N_LISTS * sizeof(void *));
-        memcpy(table.numel, plan->table.numel, (size_t)n * sizeof(int64_t));
-        table.dtype = plan->table.dtype;
-    } else {
-        const int status = validate(items, &table);
-        if (status < 0) goto done;
-        if (status != STATUS_DONE) {
-            result = PyLong_FromLong(status);
-            goto done;
-        }
+    const int status = prepare(items, n, cache, &table);
+    if (status < 0) goto done;
+    if (status != STATUS_DONE) {
+        result = PyLong_FromLong(status);
+        goto done;
     }
-
-    adopt_cpu_args a = {
-        .n_tensors = n,
-        .p = table.ptrs,
-        .g = table.ptrs + n,
-        .m = table.ptrs + 2 * (size_t)n,
-        .v = table.ptrs + 3 * (size_t)n,
-        .numel = table.numel,
-        .step = (float *const *)(table.ptrs + 4 * (size_t)n),
-        .dtype = (adopt_dtype)table.dtype,
-        .clip_mode = (adopt_clip_mode)clip_mode,
-        .clip_table = NULL,
-        .clip_exponent = clip_exponent,
-        .grad_scale = NULL,
-        .found_inf = NULL,
-        .lr = lr,
-        .beta1 = beta1,
-        .beta2 = beta2,
-        .weight_decay = weight_decay,
-        .eps = eps,
-        .decouple = decouple,
-        .maximize = maximize,
-        .num_threads = num_threads,
-    };
-    if (clip_mode == ADOPT_CLIP_TABLE &&
-        buffer_of(clip_table, ADOPT_F64, n, "clip_table", (void **)&a.clip_table) < 0)
+    const double *table_ptr = NULL;
+    const float *scale_ptr, *inf_ptr;
+    if (h.clip_mode == ADOPT_CLIP_TABLE &&
+        buffer_of(clip_table, ADOPT_F64, n, "clip_table", (void **)&table_ptr) < 0)
         goto done;
-    if (grad_scale != Py_None && float_buffer(grad_scale, "grad_scale", (float **)&a.grad_scale) < 0)
+    if (amp_scalar(grad_scale, "grad_scale", &scale_ptr) || amp_scalar(found_inf, "found_inf", &inf_ptr))
         goto done;
-    if (found_inf != Py_None && float_buffer(found_inf, "found_inf", (float **)&a.found_inf) < 0)
-        goto done;
-
+    const adopt_cpu_args a = kernel_args(&table, &h, table_ptr, scale_ptr, inf_ptr, num_threads);
     /* The kernel only reads this call's own table, so the GIL can be released. */
     int rc = 0;
     if (!dry_run) {
@@ -484,19 +545,149 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_NoMemory();
         goto done;
     }
-    if (cache && !hit) {
-        if (slot == NULL) {
-            slot = &plans[next_victim];
-            next_victim = (next_victim + 1) % N_PLANS;
-        }
-        plan_store(slot, &table, items);
-    }
     result = PyLong_FromLong(STATUS_DONE);
 
 done:
     table_free(&table);
     for (int l = 0; l < N_LISTS; l++) Py_XDECREF(fast[l]);
     return result;
+}
+
+/* ---- step_groups() ----------------------------------------------------------------------- */
+
+/* One param group of step_groups(): its gathered tensors (new references, N_LISTS * cap,
+ * list l at objs + l * cap, the first n used), their validated table, its hyperparameters. */
+typedef struct {
+    PyObject **objs;
+    Py_ssize_t cap, n;
+    table_t table;
+    hyper_t hyper;
+} group_t;
+
+static void group_free(group_t *g) {
+    for (int l = 0; l < N_LISTS && g->objs != NULL; l++)
+        for (Py_ssize_t i = 0; i < g->n; i++) Py_DECREF(g->objs[l * g->cap + i]);
+    free(g->objs);
+    g->objs = NULL;
+    g->n = 0;
+    table_free(&g->table);
+}
+
+/*
+ * The lists ADOPT._init_group builds for `params`: each parameter with a gradient, the
+ * gradient and the parameter's exp_avg, exp_avg_sq and step from `state`. Returns
+ * STATUS_DONE, STATUS_DECLINED when a parameter with a gradient has no (complete) state,
+ * or -1.
+ */
+static int gather(PyObject *params, PyObject *state, group_t *g) {
+    PyObject *fast = PySequence_Fast(params, "params must be a list or tuple");
+    if (fast == NULL) return -1;
+    g->cap = PySequence_Fast_GET_SIZE(fast);
+    g->objs = (PyObject **)malloc(((size_t)g->cap * N_LISTS + 1) * sizeof(PyObject *));
+    if (g->objs == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int status = STATUS_DONE;
+    for (Py_ssize_t i = 0; i < g->cap && status == STATUS_DONE; i++) {
+        PyObject *p = PySequence_Fast_GET_ITEM(fast, i);
+        PyObject *grad = get(attr_grad, p);
+        if (grad == NULL) {
+            status = -1;
+            break;
+        }
+        if (grad == Py_None) {
+            Py_DECREF(grad);
+            continue;
+        }
+        PyObject *entry[N_LISTS] = {p, grad, NULL, NULL, NULL};
+        PyObject *p_state = PyDict_GetItemWithError(state, p);
+        if (p_state != NULL && PyDict_Check(p_state)) {
+            entry[2] = PyDict_GetItemWithError(p_state, str_exp_avg);
+            entry[3] = entry[2] == NULL ? NULL : PyDict_GetItemWithError(p_state, str_exp_avg_sq);
+            entry[4] = entry[3] == NULL ? NULL : PyDict_GetItemWithError(p_state, str_step);
+        }
+        if (entry[4] == NULL) {
+            Py_DECREF(grad);
+            status = PyErr_Occurred() ? -1 : STATUS_DECLINED;
+            break;
+        }
+        for (int l = 0; l < N_LISTS; l++) g->objs[l * g->cap + g->n] = l == 1 ? grad : Py_NewRef(entry[l]);
+        g->n++;
+    }
+    Py_DECREF(fast);
+    return status;
+}
+
+PyDoc_STRVAR(step_groups_doc,
+             "step_groups(groups, state, grad_scale, found_inf, num_threads) -> int\n\n"
+             "One fused step of an optimizer's param groups. Each group is a tuple (params, lr,\n"
+             "beta1, beta2, weight_decay, eps, clip_exponent, clip_mode, decouple, maximize);\n"
+             "state maps each param to its dict of exp_avg, exp_avg_sq and step. Returns DONE\n"
+             "once every group is updated, or DECLINED, having changed nothing, whenever the\n"
+             "general path must run instead (a param without state, a tensor this kernel does\n"
+             "not take, or any error, which the general path then reports).");
+
+#define GROUP_FIELDS 10
+
+static int prepare_group(PyObject *spec, PyObject *state, group_t *g) {
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != GROUP_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "each group must be a tuple of 10 fields");
+        return -1;
+    }
+    PyObject *const *fields = &PyTuple_GET_ITEM(spec, 0);
+    if (hyper_args(fields + 1, &g->hyper) < 0) return -1;
+    const int status = gather(fields[0], state, g);
+    if (status != STATUS_DONE || g->n == 0) return status;
+    PyObject **items[N_LISTS];
+    for (int l = 0; l < N_LISTS; l++) items[l] = g->objs + l * g->cap;
+    const int prepared = prepare(items, g->n, 1, &g->table);
+    return prepared == STATUS_DONE || prepared < 0 ? prepared : STATUS_DECLINED;
+}
+
+static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5)
+        return PyErr_Format(PyExc_TypeError, "step_groups() takes 5 positional arguments (%zd given)", nargs);
+    PyObject *state = args[1];
+    int num_threads;
+    if (!PyDict_Check(state)) return PyErr_Format(PyExc_TypeError, "state must be a dict");
+    if (int_arg(args, 4, &num_threads) < 0) return NULL;
+    PyObject *fast = PySequence_Fast(args[0], "groups must be a list or tuple");
+    if (fast == NULL) return NULL;
+    const Py_ssize_t n_groups = PySequence_Fast_GET_SIZE(fast);
+    group_t *groups = (group_t *)calloc((size_t)n_groups + 1, sizeof(group_t));
+    int status = groups == NULL ? -1 : STATUS_DONE;
+    if (groups == NULL) PyErr_NoMemory();
+    const float *scale_ptr = NULL, *inf_ptr = NULL;
+    if (status == STATUS_DONE &&
+        (amp_scalar(args[2], "grad_scale", &scale_ptr) || amp_scalar(args[3], "found_inf", &inf_ptr)))
+        status = -1;
+    /* Every group is validated before any runs. */
+    for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++)
+        status = prepare_group(PySequence_Fast_GET_ITEM(fast, k), state, &groups[k]);
+    if (status < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear(); /* the general path raises it again, with its own message */
+        status = STATUS_DECLINED;
+    }
+    int rc = 0;
+    if (status == STATUS_DONE) {
+        /* The gathered references keep every tensor alive while the GIL is released. */
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t k = 0; k < n_groups && rc == 0; k++) {
+            if (groups[k].n == 0) continue;
+            const adopt_cpu_args a = kernel_args(&groups[k].table, &groups[k].hyper, NULL, scale_ptr,
+                                                 inf_ptr, num_threads);
+            rc = adopt_cpu_step(&a);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t k = 0; groups != NULL && k < n_groups; k++) group_free(&groups[k]);
+    free(groups);
+    Py_DECREF(fast);
+    if (rc != 0) return PyErr_NoMemory();
+    return status < 0 ? NULL : PyLong_FromLong(status);
 }
 
 PyDoc_STRVAR(host_steps_doc,
@@ -536,6 +727,7 @@ static PyObject *py_has_openmp(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL, step_doc},
+    {"step_groups", (PyCFunction)(void (*)(void))py_step_groups, METH_FASTCALL, step_groups_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
     {NULL, NULL, 0, NULL},
@@ -569,7 +761,11 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
          (attr_is_contiguous = PyObject_GetAttrString(base, "is_contiguous")) != NULL &&
          (attr_nbytes = PyObject_GetAttrString(base, "nbytes")) != NULL &&
          (attr_dtype = PyObject_GetAttrString(base, "dtype")) != NULL &&
-         (attr_is_cpu = PyObject_GetAttrString(base, "is_cpu")) != NULL;
+         (attr_is_cpu = PyObject_GetAttrString(base, "is_cpu")) != NULL &&
+         (attr_grad = PyObject_GetAttrString(base, "grad")) != NULL &&
+         (str_exp_avg = PyUnicode_InternFromString("exp_avg")) != NULL &&
+         (str_exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq")) != NULL &&
+         (str_step = PyUnicode_InternFromString("step")) != NULL;
     Py_XDECREF(base);
     Py_DECREF(torch);
     if (!ok) return NULL;
@@ -579,6 +775,7 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
         PyModule_AddIntConstant(m, "NEEDS_GROUPING", STATUS_NEEDS_GROUPING) ||
         PyModule_AddIntConstant(m, "NEEDS_CONTIGUOUS", STATUS_NEEDS_CONTIGUOUS) ||
         PyModule_AddIntConstant(m, "NEEDS_UNWRAP", STATUS_NEEDS_UNWRAP) ||
+        PyModule_AddIntConstant(m, "DECLINED", STATUS_DECLINED) ||
         PyModule_AddIntConstant(m, "CLIP_NONE", ADOPT_CLIP_NONE) ||
         PyModule_AddIntConstant(m, "CLIP_TABLE", ADOPT_CLIP_TABLE) ||
         PyModule_AddIntConstant(m, "CLIP_POWER", ADOPT_CLIP_POWER)) {
