@@ -141,6 +141,37 @@ class ADOPT(Optimizer):
                         float(p_state["step"]), dtype=torch.float32, device=p.device if on_device else "cpu"
                     )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict as ``torch.optim.Optimizer`` does, then check that every
+        parameter's moments have its shape.
+
+        State saved for another model is reported here, naming the parameter, rather than by
+        a later ``step()`` that could fail halfway through the param groups. On error the
+        optimizer keeps the state it had.
+        """
+        previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
+        super().load_state_dict(state_dict)
+        try:
+            self._check_state_shapes()
+        except ValueError:
+            self.__setstate__(previous)
+            raise
+
+    def _check_state_shapes(self) -> None:
+        for g_idx, group in enumerate(self.param_groups):
+            for p_idx, p in enumerate(group["params"]):
+                p_state = self.state.get(p)
+                if not p_state:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = p_state.get(key)
+                    if not isinstance(value, Tensor) or value.shape != p.shape:
+                        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+                        raise ValueError(
+                            f"loaded state does not fit param_groups[{g_idx}]['params'][{p_idx}]: its {key} has "
+                            f"{got}, the parameter has shape {tuple(p.shape)} (a state_dict of another model?)"
+                        )
+
     def _init_group(
         self,
         group: dict[str, Any],
