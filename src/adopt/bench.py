@@ -13,9 +13,11 @@ same tensors' sizes:
 
 Every path gets its own tensors and takes warm-up steps (ADOPT's first step only
 initialises its state, so it is never timed). The paths and the in-place add are then
-timed in interleaved rounds: each round gives every one of them one untimed step (to bring
-its data back into cache) and its share of ``--repeats`` timed steps, so a change in the
-machine's load during the run affects all of them alike. The table reports the median
+timed in interleaved rounds: each round gives every one of them ``--warmup`` untimed steps
+(the others' steps have pushed its data out of cache; one step is not enough to bring a
+working set that fits in the last-level cache back into it) and its share of
+``--repeats`` timed steps, so a change in the machine's load during the run affects all
+of them alike. The table reports the median
 (and min) with ratios to the roofline and to ``AdamW(fused=True)``. All paths of a case
 are alive together: about 16 bytes per parameter per path (5 paths: 4 GB at 50M).
 """
@@ -132,7 +134,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="timed steps per path; the median is reported (default: 50 for cases up to 10M "
         "parameters, 20 above; --quick: 3)",
     )
-    parser.add_argument("--warmup", type=_positive_int, default=3, help="untimed steps before timing (default: 3)")
+    parser.add_argument(
+        "--warmup", type=_positive_int, default=3, help="untimed steps of each path before timing starts and again at the start of every round "
+        "of timing (default: 3)",
+    )
     parser.add_argument(
         "--paths", type=_paths, default=PATHS, metavar="NAME[,...]",
         help=f"which optimizers to time (default: all of {', '.join(PATHS)})",
@@ -312,7 +317,7 @@ def run_cases(
                 rows[path]["error"] = f"{type(exc).__name__}: {exc}"
             progress.done()
         steps["add"] = _setup_add(total, device, dtype, warmup)
-        times = _interleaved(steps, reps, timer, progress, label)
+        times = _interleaved(steps, reps, warmup, timer, progress, label)
         del steps
         roofline = _roofline(times.pop("add"), total, dtype.itemsize)
         for path, samples in times.items():
@@ -329,9 +334,10 @@ def run_cases(
 
 
 def _interleaved(
-    steps: dict[str, Callable[[], Any]], repeats: int, timer: _Timer, progress: _Progress, label: str
+    steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, timer: _Timer, progress: _Progress, label: str
 ) -> dict[str, list[float]]:
-    """``repeats`` timings of each callable, taken in ``ROUNDS`` interleaved rounds."""
+    """``repeats`` timings of each callable, taken in ``ROUNDS`` interleaved rounds, each
+    callable's share of a round after ``warmup`` untimed calls."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(ROUNDS):
         progress.start(f"{label} round {r + 1}/{ROUNDS}")
@@ -339,7 +345,8 @@ def _interleaved(
         for name, step in steps.items():
             if share == 0:
                 continue
-            step()  # untimed: brings this step's data back into cache
+            for _ in range(warmup):  # untimed: brings this step's data back into cache
+                step()
             timer.sync()
             times[name].extend(timer(step) for _ in range(share))
         progress.done()
