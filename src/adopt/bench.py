@@ -13,9 +13,10 @@ same tensors' sizes:
 
 Every path gets its own tensors and takes warm-up steps (ADOPT's first step only
 initialises its state, so it is never timed). The paths and the in-place add are then
-timed in interleaved rounds: each round gives every one of them ``--warmup`` untimed steps
-(the others' steps have pushed its data out of cache; one step is not enough to bring a
-working set that fits in the last-level cache back into it) and its share of
+timed in interleaved rounds: each round gives every one of them untimed steps (at least
+``--warmup`` and at least 25 ms of them: the others' steps have pushed its data out of
+cache, and a working set that fits in the last-level cache takes several passes to settle
+there again) and its share of
 ``--repeats`` timed steps, so a change in the machine's load during the run affects all
 of them alike. The table reports the median
 (and min) with ratios to the roofline and to ``AdamW(fused=True)``. All paths of a case
@@ -43,6 +44,7 @@ QUICK_SIZES = "200k:50,2M:4"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
 ROUNDS = 5  # interleaved timing rounds per case
+WARM_UP_SECONDS = 0.025  # least untimed time per path at the start of each round
 
 DESCRIPTION = """\
 Time one optimizer step of every ADOPT path (single-tensor, foreach, fused) and of
@@ -337,7 +339,7 @@ def _interleaved(
     steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, timer: _Timer, progress: _Progress, label: str
 ) -> dict[str, list[float]]:
     """``repeats`` timings of each callable, taken in ``ROUNDS`` interleaved rounds, each
-    callable's share of a round after ``warmup`` untimed calls."""
+    callable's share of a round after a warm-up (``_warm_up``)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(ROUNDS):
         progress.start(f"{label} round {r + 1}/{ROUNDS}")
@@ -345,12 +347,22 @@ def _interleaved(
         for name, step in steps.items():
             if share == 0:
                 continue
-            for _ in range(warmup):  # untimed: brings this step's data back into cache
-                step()
-            timer.sync()
+            _warm_up(step, warmup, timer)
             times[name].extend(timer(step) for _ in range(share))
         progress.done()
     return times
+
+
+def _warm_up(step: Callable[[], Any], calls: int, timer: _Timer) -> None:
+    """Untimed calls, at least ``calls`` and at least ``WARM_UP_SECONDS`` of them: the other
+    paths' steps have pushed this one's data out of cache, and a working set that fits in
+    the last-level cache takes several passes to settle there again."""
+    begin = time.perf_counter()
+    done = 0
+    while done < calls or time.perf_counter() - begin < WARM_UP_SECONDS:
+        step()
+        timer.sync()
+        done += 1
 
 
 def _fmt(n: int) -> str:
