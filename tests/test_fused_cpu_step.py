@@ -162,6 +162,13 @@ def _non_contiguous_grad(step: int, opt: ADOPT, params: list[torch.nn.Parameter]
         params[0].grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(7)).t()
 
 
+def _reverse_state_order(step: int, opt: ADOPT, params: list[torch.nn.Parameter]) -> None:
+    if step == 2:  # the one-call path walks the state dict in parameter order first
+        entries = list(opt.state.items())
+        opt.state.clear()
+        opt.state.update(reversed(entries))
+
+
 def _load_state_dict(step: int, opt: ADOPT, params: list[torch.nn.Parameter]) -> None:
     if step == 2:
         opt.load_state_dict(opt.state_dict())
@@ -169,7 +176,10 @@ def _load_state_dict(step: int, opt: ADOPT, params: list[torch.nn.Parameter]) ->
 
 @pytest.mark.parametrize(
     "change",
-    [_swap_param_storage, _replace_state_tensor, _reset_state, _non_contiguous_grad, _load_state_dict],
+    [
+        _swap_param_storage, _replace_state_tensor, _reset_state, _non_contiguous_grad, _reverse_state_order,
+        _load_state_dict,
+    ],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_changes_between_steps_are_seen(monkeypatch: pytest.MonkeyPatch, change: Callable[..., None]) -> None:

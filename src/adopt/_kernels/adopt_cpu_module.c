@@ -580,12 +580,28 @@ static void group_free(group_t *g) {
 }
 
 /*
- * The lists ADOPT._init_group builds for `params`: each parameter with a gradient, the
- * gradient and the parameter's exp_avg, exp_avg_sq and step from `state`. Returns
- * STATUS_DONE, STATUS_DECLINED when a parameter with a gradient has no (complete) state,
- * or -1.
+ * state[p] (borrowed), or NULL with or without an exception. The state dict is normally in
+ * parameter order (state is created in that order), so the entry at *pos, the one after the
+ * previous parameter's, is tried first: it avoids Tensor.__hash__, a Python function that
+ * costs more than the rest of the lookup. An entry whose key is not p falls back to hashing.
  */
-static int gather(PyObject *params, PyObject *state, group_t *g) {
+static PyObject *state_of(PyObject *state, PyObject *p, Py_ssize_t *pos) {
+    PyObject *key, *value;
+    Py_ssize_t next = *pos;
+    if (PyDict_Next(state, &next, &key, &value) && key == p) {
+        *pos = next;
+        return value;
+    }
+    return PyDict_GetItemWithError(state, p);
+}
+
+/*
+ * The lists ADOPT._init_group builds for `params`: each parameter with a gradient, the
+ * gradient and the parameter's exp_avg, exp_avg_sq and step from `state`. `pos` walks the
+ * state dict (see state_of). Returns STATUS_DONE, STATUS_DECLINED when a parameter with a
+ * gradient has no (complete) state, or -1.
+ */
+static int gather(PyObject *params, PyObject *state, Py_ssize_t *pos, group_t *g) {
     PyObject *fast = PySequence_Fast(params, "params must be a list or tuple");
     if (fast == NULL) return -1;
     g->cap = PySequence_Fast_GET_SIZE(fast);
@@ -608,7 +624,7 @@ static int gather(PyObject *params, PyObject *state, group_t *g) {
             continue;
         }
         PyObject *entry[N_LISTS] = {p, grad, NULL, NULL, NULL};
-        PyObject *p_state = PyDict_GetItemWithError(state, p);
+        PyObject *p_state = state_of(state, p, pos);
         if (p_state != NULL && PyDict_Check(p_state)) {
             entry[2] = PyDict_GetItemWithError(p_state, str_exp_avg);
             entry[3] = entry[2] == NULL ? NULL : PyDict_GetItemWithError(p_state, str_exp_avg_sq);
@@ -637,14 +653,14 @@ PyDoc_STRVAR(step_groups_doc,
 
 #define GROUP_FIELDS 10
 
-static int prepare_group(PyObject *spec, PyObject *state, group_t *g) {
+static int prepare_group(PyObject *spec, PyObject *state, Py_ssize_t *pos, group_t *g) {
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != GROUP_FIELDS) {
         PyErr_SetString(PyExc_TypeError, "each group must be a tuple of 10 fields");
         return -1;
     }
     PyObject *const *fields = &PyTuple_GET_ITEM(spec, 0);
     if (hyper_args(fields + 1, &g->hyper) < 0) return -1;
-    const int status = gather(fields[0], state, g);
+    const int status = gather(fields[0], state, pos, g);
     if (status != STATUS_DONE || g->n == 0) return status;
     PyObject **items[N_LISTS];
     for (int l = 0; l < N_LISTS; l++) items[l] = g->objs + l * g->cap;
@@ -671,8 +687,9 @@ static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_
         (amp_scalar(args[2], "grad_scale", &scale_ptr) || amp_scalar(args[3], "found_inf", &inf_ptr)))
         status = -1;
     /* Every group is validated before any runs. */
+    Py_ssize_t pos = 0;
     for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++)
-        status = prepare_group(PySequence_Fast_GET_ITEM(fast, k), state, &groups[k]);
+        status = prepare_group(PySequence_Fast_GET_ITEM(fast, k), state, &pos, &groups[k]);
     if (status < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
         PyErr_Clear(); /* the general path raises it again, with its own message */
         status = STATUS_DECLINED;
