@@ -158,6 +158,8 @@ class ADOPT(Optimizer):
             raise
 
     def _check_state_shapes(self) -> None:
+        """Raise ValueError naming the first parameter whose exp_avg/exp_avg_sq is missing or
+        has another shape than the parameter."""
         for g_idx, group in enumerate(self.param_groups):
             for p_idx, p in enumerate(group["params"]):
                 p_state = self.state.get(p)
