@@ -129,6 +129,27 @@ def test_power_clip_none_and_tensor_lr_stay_on_the_one_call_path(monkeypatch: py
         assert_identical(fast, general)
 
 
+class RefusingKernel:
+    """Stands in for the C module; fails the test if step_groups is called."""
+
+    CLIP_NONE, CLIP_POWER, DONE = 0, 2, 0
+
+    def step_groups(self, *args: Any) -> int:
+        raise AssertionError("step_groups was called")
+
+
+@pytest.mark.parametrize("where", ["meta", "complex"])
+def test_non_cpu_or_complex_groups_do_not_reach_the_c_call(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Off the CPU (CUDA; here the meta device) or complex, the C call would gather every
+    tensor of every step only to decline, so the groups are not handed to it at all."""
+    monkeypatch.setattr(_fused, "_CPU_KERNEL", RefusingKernel())
+    p = torch.zeros(3, device="meta") if where == "meta" else torch.zeros(3, dtype=torch.complex64)
+    cpu = torch.zeros(3)
+    groups = [{"params": [cpu], "fused": True, "lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-6,
+               "decouple": False, "maximize": False}, {"params": [p], "fused": True}]
+    assert not _fused.fused_cpu_step(groups, {}, PowerClip(0.25), None, None)
+
+
 def test_complex_params_decline(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = Recorder(monkeypatch)
     p = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))

@@ -194,6 +194,9 @@ def fused_cpu_step(
         fused = group["fused"]
         if not (fused or (fused is None and group["foreach"] is None and not group["differentiable"])):
             return False
+        params = group["params"]
+        if params and not (params[0].is_cpu and not params[0].is_complex()):
+            return False  # CUDA or complex: the C call would gather every tensor only to decline
         lr = group["lr"]
         if isinstance(lr, Tensor):
             if not lr.is_cpu:
@@ -201,7 +204,7 @@ def fused_cpu_step(
             lr = float(lr)
         beta1, beta2 = group["betas"]
         specs.append(
-            (group["params"], lr, beta1, beta2, group["weight_decay"], group["eps"], exponent, mode,
+            (params, lr, beta1, beta2, group["weight_decay"], group["eps"], exponent, mode,
              group["decouple"], group["maximize"])
         )
     status = kernel.step_groups(specs, state, grad_scale, found_inf, torch.get_num_threads())
