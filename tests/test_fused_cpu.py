@@ -386,6 +386,17 @@ def test_grad_scaler_cpu_with_injected_inf() -> None:
     assert scaler.get_scale() < scale  # the scaler saw the inf and backed off
 
 
+def _four_steps(model: torch.nn.Module, optimizer: ADOPT, step: Callable[[], Any]) -> list[Tensor]:
+    """Four training steps of ``model`` on fixed inputs through ``step``; the params and
+    optimizer state after them, for comparing compiled and eager runs."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        model(torch.randn(8, 4, generator=gen)).square().mean().backward()
+        step()
+        optimizer.zero_grad()
+    return [t for p in model.parameters() for t in (p.detach(), *optimizer.state[p].values())]
+
+
 def test_inductor_compiles_the_fused_step_as_one_graph() -> None:
     """Under torch.compile each CPU group is one adopt::fused_adopt_cpu_ op: one graph, same result."""
     with warnings.catch_warnings():  # torch's own deprecation warning when inductor imports mkldnn
@@ -399,13 +410,7 @@ def test_inductor_compiles_the_fused_step_as_one_graph() -> None:
 
     def run(compile_step: bool) -> list[Tensor]:
         model, optimizer = setup()
-        step = torch.compile(optimizer.step) if compile_step else optimizer.step
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            model(torch.randn(8, 4, generator=gen)).square().mean().backward()
-            step()
-            optimizer.zero_grad()
-        return [t for p in model.parameters() for t in (p.detach(), *optimizer.state[p].values())]
+        return _four_steps(model, optimizer, torch.compile(optimizer.step) if compile_step else optimizer.step)
 
     torch._dynamo.reset()
     try:
@@ -527,12 +532,7 @@ def test_compiled_fused_step_with_a_custom_schedule_matches_eager(capturable: bo
         optimizer = ADOPT(model.parameters(), lr=1e-2, clip_lambda=lambda s: 0.2 + s / 10, fused=True,
                           capturable=capturable)
         step = torch.compile(optimizer.step, backend="eager") if compile_step else optimizer.step
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            model(torch.randn(8, 4, generator=gen)).square().mean().backward()
-            step()
-            optimizer.zero_grad()
-        return [t for p in model.parameters() for t in (p.detach(), *optimizer.state[p].values())]
+        return _four_steps(model, optimizer, step)
 
     torch._dynamo.reset()
     try:
