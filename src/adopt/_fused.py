@@ -1,9 +1,9 @@
 """Fused ADOPT: the whole step in one pass over memory per device and dtype group.
 
 * CPU: the C kernel ``adopt._kernels._adopt_cpu`` (OpenMP threads, vectorised), one call
-  per dtype group. The kernel validates every tensor before it touches any, reads each
-  tensor's data pointer itself and caches what it validated, so the Python side of a step
-  costs a handful of attribute reads. :func:`fused_cpu_step` goes further for
+  per dtype group. The kernel reads every tensor's metadata itself, at C speed and afresh
+  on every call, and validates all of it before it touches any tensor, so the Python side
+  of a step costs a handful of attribute reads. :func:`fused_cpu_step` goes further for
   ``ADOPT.step()``: one C call gathers every group's tensors from the optimizer's state
   and updates them.
 * CUDA: ``adopt._kernels.triton_adopt.launch_group``, one launch per device and dtype
@@ -284,7 +284,6 @@ def _run_cpu(
     hyper: _Hyper,
     clip: _CpuClip,
     *,
-    cache: bool = True,
     dry_run: bool = False,
 ) -> int:
     """Call the C kernel on lists that may be one CPU dtype group; returns its status."""
@@ -294,7 +293,7 @@ def _run_cpu(
         kernel.step(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, table, _cpu_scalar(grad_scale), _cpu_scalar(found_inf),
             float(hyper.lr), hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps, exponent, mode,
-            hyper.decouple, hyper.maximize, torch.get_num_threads(), cache, dry_run,
+            hyper.decouple, hyper.maximize, torch.get_num_threads(), dry_run,
         ),
     )
 
@@ -407,7 +406,7 @@ def _plan_cpu_group(
         status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, dry_run=True)
     if status == kernel.NEEDS_CONTIGUOUS:
         group, write_back = _contiguous_group(group)
-        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, cache=False, dry_run=True)
+        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, dry_run=True)
     if status != kernel.DONE:
         raise ValueError(
             "fused ADOPT: every grad, exp_avg, exp_avg_sq and step must be on its parameter's device "
@@ -415,7 +414,7 @@ def _plan_cpu_group(
         )
 
     def run() -> None:
-        _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, cache=not write_back)
+        _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip)
         for original, copy in write_back:
             original.copy_(copy)
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
+from ._checks import check_tensors
 from ._fused import fused_cpu_step, fused_cuda_available, fused_supported_dtypes
 from .functional import adopt
 from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
@@ -185,7 +186,9 @@ class ADOPT(Optimizer):
     ) -> bool:
         """Fill the lists with the group's parameters that have gradients and their state.
 
-        Validates first (an error names the parameter), then creates missing state. Returns
+        Validates first (an error names the parameter), then creates missing state, then
+        checks that every gradient and state tensor matches its parameter (shape, dtype,
+        device, layout), so that no path can fail halfway through the step. Returns
         whether any parameter is complex. ``torch.compile`` runs this method eagerly rather
         than tracing it, so it may use C-level ``map``: for many small tensors this loop, not
         the arithmetic, bounds the step time.
@@ -211,6 +214,7 @@ class ADOPT(Optimizer):
         exp_avgs.extend(map(_get_exp_avg, ready))
         exp_avg_sqs.extend(map(_get_exp_avg_sq, ready))
         state_steps.extend(map(_get_step, ready))
+        check_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, name=lambda i: self._where_param(group, params[i]))
         return any(map(Tensor.is_complex, params))
 
     def _create_state(
@@ -222,10 +226,9 @@ class ADOPT(Optimizer):
             supported = fused_supported_dtypes()
             for p, state in zip(params, states):
                 if state is None and (p.dtype not in supported or not (p.is_cpu or p.is_cuda)):
-                    p_idx = next(i for i, q in enumerate(group["params"]) if q is p)
                     raise RuntimeError(
                         f"fused=True supports float64/float32/float16/bfloat16 (and complex) tensors on CPU and "
-                        f"CUDA: {self._where(group, p_idx)} is {p.dtype} on {p.device}"
+                        f"CUDA: {self._where_param(group, p)} is {p.dtype} on {p.device}"
                     )
         # Steps live on the device where the kernel reads them: capturable, fused, and the
         # automatic choice of the fused path for CUDA parameters.
@@ -241,6 +244,9 @@ class ADOPT(Optimizer):
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }
+
+    def _where_param(self, group: dict[str, Any], p: Tensor) -> str:
+        return self._where(group, next(i for i, q in enumerate(group["params"]) if q is p))
 
     def _where(self, group: dict[str, Any], p_idx: int) -> str:
         g_idx = next(i for i, g in enumerate(self.param_groups) if g is group)

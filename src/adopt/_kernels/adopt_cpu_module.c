@@ -1,27 +1,37 @@
 /*
  * CPython binding of the fused CPU kernel: adopt._kernels._adopt_cpu.
  *
- * Two entry points share one validation:
+ * Entry points:
  * - step() takes the tensor lists of the functional API;
  * - step_groups() takes an optimizer's param groups and state dict and gathers the lists
  *   itself, for ADOPT.step()'s steady state (every parameter with a gradient has state).
  *   It never reports a problem: whenever anything needs the general path (no state yet, a
- *   tensor it cannot read, an error to raise) it declines, having changed nothing.
+ *   tensor it cannot take, an error to raise) it declines, having changed nothing;
+ * - check_lists() tells the general path, at C speed, whether every parameter's gradient
+ *   and state match it in shape, dtype and device (on any device);
+ * - host_steps() reads float32 CPU step counters.
  *
- * Each tensor's data pointer, size, dtype, device and contiguity are read through the
- * tensor's own Python attributes, so the module needs no PyTorch headers. Everything is
- * validated before the kernel runs: a call either changes nothing (it raises, declines, or
- * returns a status asking the caller to regroup or to make tensors contiguous) or runs the
- * whole step.
+ * Tensor metadata (dtype, device, layout, sizes, strides, storage offset and size, data
+ * pointer) is read through torch's C shim, the stable C ABI that libtorch exports for
+ * AOTInductor (aoti_torch_get_*), resolved when the module is imported: a few nanoseconds
+ * per field and no PyTorch headers. The shim takes an at::Tensor*; the module finds the
+ * at::Tensor inside each Python tensor object (the layout is verified against torch at
+ * import; if it cannot be, the module does not import and the fused CPU path is off).
  *
- * Fixed cost: a full validation is about 25 attribute reads per parameter. A small cache
- * of "plans" remembers, per list of tensors, weak references to the 5n tensors with the
- * data pointer and byte size each had when validated; when the same objects come back with
- * the same pointers (every ordinary training step) only the pointers are re-read; a tensor
- * that changed (a new gradient after zero_grad(set_to_none=True)) is validated on its own.
- * Anything that could make the recorded memory unsafe to use (.data = ..., set_, a
- * storage resize, a new state tensor) changes the object or the pointer and triggers a
- * validation. Weak references keep no tensor alive.
+ * Memory safety: nothing is cached between calls; every call reads every tensor's
+ * metadata afresh. A call runs in two phases:
+ * 1. gather: everything that can run Python code happens first (a gradient getter of a
+ *    __torch_function__ subclass, Tensor.__hash__ in a state lookup, __float__ of a
+ *    hyperparameter, a garbage collection started by an allocation), and the call holds
+ *    its own references to every object it uses, including snapshots of the lists;
+ * 2. validate and run: metadata reads, bounds and overlap checks and the kernel, without
+ *    running Python code and with the GIL held throughout, so no other thread and no
+ *    finalizer can change a tensor between its check and the kernel's last write.
+ * Every tensor the kernel touches is a dense, contiguous CPU tensor whose storage holds
+ * all its elements. Lists whose tensors overlap in memory across parameters (the same
+ * parameter twice in a group, views of one buffer) run on one thread in list order, which
+ * is deterministic; a parameter whose own gradient or state overlaps its other tensors is
+ * refused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,148 +39,436 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _WIN32
+#include <windows.h>
+#else
+#include <dlfcn.h>
+#endif
+
 #include "adopt_cpu.h"
 
 /* Status codes returned by step(). */
 #define STATUS_DONE 0
 #define STATUS_NEEDS_GROUPING 1   /* params of several dtypes or a tensor off the CPU */
 #define STATUS_NEEDS_CONTIGUOUS 2 /* some tensor is not contiguous */
-#define STATUS_NEEDS_UNWRAP 3     /* a tensor subclass that wraps others (DTensor, ...) */
+#define STATUS_NEEDS_UNWRAP 3     /* a tensor whose memory this module cannot read (DTensor, ...) */
 #define STATUS_DECLINED 4         /* step_groups(): the general path must run this step */
 
 #define N_LISTS 5 /* params, grads, exp_avgs, exp_avg_sqs, state_steps */
-#define N_PLANS 8
+#define N_DTYPES 4 /* adopt_dtype: float32, float64, float16, bfloat16 */
 
-/* torch._C.TensorBase's own descriptors, called directly: no per-call attribute lookup,
- * and a TypeError for anything that is not a tensor. */
-static PyObject *attr_data_ptr, *attr_is_contiguous; /* method descriptors */
-static PyObject *attr_nbytes, *attr_dtype, *attr_is_cpu, *attr_grad; /* getset descriptors */
-/* The keys of a parameter's state dict. */
-static PyObject *str_exp_avg, *str_exp_avg_sq, *str_step;
-/* torch.Tensor, torch.nn.Parameter, and what __torch_dispatch__ is on every tensor type
- * that owns its memory (wrapper subclasses such as DTensor override it). */
-static PyObject *tensor_type, *parameter_type, *disabled_dispatch, *str_torch_dispatch;
-/* torch.float32, torch.float64, torch.float16, torch.bfloat16 in adopt_dtype order. */
-static PyObject *torch_dtypes[4];
-static const int64_t itemsizes[4] = {4, 8, 2, 2};
 static const char *const list_names[N_LISTS] = {"params", "grads", "exp_avgs", "exp_avg_sqs",
                                                 "state_steps"};
+static const int64_t itemsizes[N_DTYPES] = {4, 8, 2, 2};
 
-/* ---- attribute helpers (each returns -1 with an exception set on failure) ------------ */
+/* torch._C.TensorBase (every Python tensor is an instance), what __torch_dispatch__ is on
+ * every tensor type that owns its memory (wrapper subclasses such as DTensor override it),
+ * and the descriptor of a tensor's .grad. */
+static PyTypeObject *tensor_base_type;
+static PyObject *disabled_dispatch, *str_torch_dispatch, *attr_grad;
+/* The keys of a parameter's state dict. */
+static PyObject *str_exp_avg, *str_exp_avg_sq, *str_step;
 
-static int truth(PyObject *r) {
-    if (r == NULL) return -1;
-    const int v = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    return v;
-}
+/* ---- torch's C shim ------------------------------------------------------------------ */
 
-static PyObject *get(PyObject *getset, PyObject *t) {
-    return Py_TYPE(getset)->tp_descr_get(getset, t, (PyObject *)Py_TYPE(t));
-}
+typedef int32_t shim_rc; /* AOTITorchError: 0 is success */
+typedef void *shim_tensor; /* AtenTensorHandle: an at::Tensor* */
 
-static PyObject *call(PyObject *method, PyObject *t) {
-    return PyObject_Vectorcall(method, &t, 1, NULL);
-}
+static struct {
+    shim_rc (*data_ptr)(shim_tensor, void **);
+    shim_rc (*storage_size)(shim_tensor, int64_t *);
+    shim_rc (*storage_offset)(shim_tensor, int64_t *);
+    shim_rc (*dim)(shim_tensor, int64_t *);
+    shim_rc (*sizes)(shim_tensor, int64_t **);
+    shim_rc (*strides)(shim_tensor, int64_t **);
+    shim_rc (*dtype)(shim_tensor, int32_t *);
+    shim_rc (*device_type)(shim_tensor, int32_t *);
+    shim_rc (*device_index)(shim_tensor, int32_t *);
+    shim_rc (*layout)(shim_tensor, int32_t *);
+} shim;
 
-static int is_cpu(PyObject *t) { return truth(get(attr_is_cpu, t)); }
+/* torch's codes for the kernel's dtypes (adopt_dtype order), the CPU and the strided layout. */
+static int32_t dtype_codes[N_DTYPES], cpu_code, strided_code;
 
-static int is_contiguous(PyObject *t) { return truth(call(attr_is_contiguous, t)); }
+/* Where a Python tensor keeps its at::Tensor: right after the object header (torch >= 2.10
+ * stores it there), or only reachable as the TensorImpl* that `_cdata` returns (an at::Tensor
+ * is one TensorImpl pointer, so a local copy of that pointer is a valid handle). */
+enum { ACCESS_INLINE, ACCESS_CDATA };
+static int access_mode;
+static PyObject *attr_cdata;
 
-static int nbytes_of(PyObject *t, int64_t *out) {
-    PyObject *r = get(attr_nbytes, t);
-    if (r == NULL) return -1;
-    *out = PyLong_AsSsize_t(r);
-    Py_DECREF(r);
-    return *out == -1 && PyErr_Occurred() ? -1 : 0;
-}
-
-/* TensorBase.data_ptr's C function, called without the method-call machinery: a step
- * reads one pointer per tensor, 1000 for 200 parameters, so ~10% per read matters. */
-static PyCFunction data_ptr_function;
-
-static int data_ptr_of(PyObject *t, void **out) {
-    PyObject *r = data_ptr_function != NULL && PyObject_TypeCheck(t, (PyTypeObject *)tensor_type)
-                      ? data_ptr_function(t, NULL)
-                      : call(attr_data_ptr, t);
-    if (r == NULL) return -1;
-    *out = PyLong_AsVoidPtr(r);
-    Py_DECREF(r);
-    return *out == NULL && PyErr_Occurred() ? -1 : 0;
-}
+/* What the module needs to know about one tensor. Sizes are borrowed from the tensor: valid
+ * while no Python code runs. */
+typedef struct {
+    void *data;            /* first element; read only when asked for */
+    const int64_t *sizes;
+    int64_t dim, numel;
+    int32_t dtype, device_type, device_index;
+    int contiguous;        /* dense in row-major order */
+    int in_bounds;         /* its storage holds every element (when data was asked for) */
+} meta_t;
 
 /*
- * 1 when x is a tensor whose data pointer is its own memory: torch.Tensor, nn.Parameter or a
- * subclass that does not override __torch_dispatch__. 0 otherwise (a wrapper subclass such
- * as DTensor, whose data_ptr() is not the data, or not a tensor); -1 on error.
+ * 1 when x is a tensor whose data pointer is its own memory: a TensorBase instance whose
+ * type does not override __torch_dispatch__. 0 otherwise (a wrapper subclass such as DTensor,
+ * whose data is elsewhere, or not a tensor). Runs no Python code (_PyType_Lookup only reads
+ * the types' dicts).
  */
-static int plain_tensor(PyObject *x) {
-    PyObject *tp = (PyObject *)Py_TYPE(x);
-    if (tp == tensor_type || tp == parameter_type) return 1;
-    if (!PyObject_TypeCheck(x, (PyTypeObject *)tensor_type)) return 0;
-    PyObject *dispatch = PyObject_GetAttr(tp, str_torch_dispatch);
-    if (dispatch == NULL) return -1;
-    const int plain = dispatch == disabled_dispatch;
-    Py_DECREF(dispatch);
-    return plain;
+static int owns_memory(PyObject *x) {
+    if (!PyObject_TypeCheck(x, tensor_base_type)) return 0;
+    return _PyType_Lookup(Py_TYPE(x), str_torch_dispatch) == disabled_dispatch;
 }
 
-/* Index of the tensor's dtype in torch_dtypes, 4 if unsupported. */
-static int dtype_index(PyObject *t) {
-    PyObject *d = get(attr_dtype, t);
-    if (d == NULL) return -1;
+static int dtype_index(int32_t code) {
     int k = 0;
-    while (k < 4 && d != torch_dtypes[k]) k++;
-    Py_DECREF(d);
+    while (k < N_DTYPES && code != dtype_codes[k]) k++;
     return k;
 }
 
-/* Pointer of a contiguous CPU tensor of dtype index `k` with `count` elements, else
- * ValueError. */
-static int buffer_of(PyObject *t, int k, int64_t count, const char *name, void **out) {
-    const int plain = plain_tensor(t);
-    if (plain < 0) return -1;
-    const int cpu = plain ? is_cpu(t) : 0;
-    if (cpu < 0) return -1;
-    const int kt = dtype_index(t);
-    if (kt < 0) return -1;
-    int64_t nbytes;
-    if (nbytes_of(t, &nbytes) < 0) return -1;
-    const int ok = plain && cpu && kt == k && nbytes == itemsizes[k] * count ? is_contiguous(t) : 0;
-    if (ok < 0) return -1;
-    if (!ok) {
-        PyErr_Format(PyExc_ValueError, "%s must be a contiguous %s CPU tensor with %lld element(s)",
-                     name, k == ADOPT_F32 ? "float32" : "float64", (long long)count);
+/* Row-major density: strides of dimensions longer than 1 are the products of later sizes. */
+static int dense(const int64_t *sizes, const int64_t *strides, int64_t dim) {
+    int64_t expected = 1;
+    for (int64_t d = dim - 1; d >= 0; d--) {
+        if (sizes[d] != 1 && strides[d] != expected) return 0;
+        expected *= sizes[d];
+    }
+    return 1;
+}
+
+/* Whether a storage of `capacity` items holds every item the view (offset, sizes, strides)
+ * addresses; computed without overflow. */
+static int view_fits(int64_t capacity, int64_t offset, const int64_t *sizes, const int64_t *strides,
+                     int64_t dim) {
+    if (offset < 0 || offset >= capacity) return 0;
+    int64_t last = offset; /* the highest item addressed */
+    for (int64_t d = 0; d < dim; d++) {
+        if (sizes[d] <= 1) continue;
+        if (strides[d] < 0 || (strides[d] > 0 && strides[d] > (capacity - 1 - last) / (sizes[d] - 1))) return 0;
+        last += (sizes[d] - 1) * strides[d];
+    }
+    return 1;
+}
+
+static size_t (*shim_element_size)(int32_t); /* optional */
+
+static int64_t itemsize_of(int32_t code) {
+    const int k = dtype_index(code);
+    if (k < N_DTYPES) return itemsizes[k];
+    return shim_element_size == NULL ? 0 : (int64_t)shim_element_size(code);
+}
+
+/* The shim's handle of tensor x; `holder` backs it under ACCESS_CDATA and must outlive it.
+ * 0, or -1 with a Python exception. */
+static int handle_of(PyObject *x, void **holder, shim_tensor *out) {
+    if (access_mode == ACCESS_INLINE) {
+        *out = (char *)x + sizeof(PyObject);
+        return 0;
+    }
+    PyObject *r = Py_TYPE(attr_cdata)->tp_descr_get(attr_cdata, x, (PyObject *)Py_TYPE(x));
+    if (r == NULL) return -1;
+    *holder = PyLong_AsVoidPtr(r);
+    Py_DECREF(r);
+    if (*holder == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "a tensor without a TensorImpl");
         return -1;
     }
-    return data_ptr_of(t, out);
+    *out = holder;
+    return 0;
+}
+
+/*
+ * Reads x's metadata, its storage's bounds, and its data pointer when `with_data`. Returns 0,
+ * or 1 when x is not a tensor this module can read (it does not own its memory, has no
+ * storage, is not strided, or the shim failed), or -1 with a Python exception. Runs no
+ * Python code (under ACCESS_CDATA it calls TensorBase._cdata's C getter, which runs none).
+ */
+static int read_meta(PyObject *x, int with_data, meta_t *m) {
+    if (!owns_memory(x)) return 1;
+    void *holder;
+    shim_tensor t;
+    if (handle_of(x, &holder, &t) < 0) return -1;
+    int32_t layout = strided_code;
+    int64_t *sizes, *strides, offset, nbytes;
+    if ((shim.layout != NULL && shim.layout(t, &layout)) || layout != strided_code || shim.dtype(t, &m->dtype) ||
+        shim.device_type(t, &m->device_type) || shim.device_index(t, &m->device_index) || shim.dim(t, &m->dim) ||
+        shim.sizes(t, &sizes) || shim.strides(t, &strides) || shim.storage_offset(t, &offset) ||
+        shim.storage_size(t, &nbytes))
+        return 1;
+    m->sizes = sizes;
+    m->numel = 1;
+    for (int64_t d = 0; d < m->dim; d++) m->numel *= sizes[d];
+    m->contiguous = dense(sizes, strides, m->dim);
+    const int64_t itemsize = itemsize_of(m->dtype);
+    m->in_bounds = m->numel == 0 || (itemsize > 0 && view_fits(nbytes / itemsize, offset, sizes, strides, m->dim));
+    m->data = NULL;
+    if (with_data && m->numel > 0 && m->in_bounds && (shim.data_ptr(t, &m->data) || m->data == NULL))
+        m->in_bounds = 0;
+    return 0;
+}
+
+static int same_shape(const meta_t *a, const meta_t *b) {
+    return a->dim == b->dim && (a->dim == 0 || memcmp(a->sizes, b->sizes, (size_t)a->dim * sizeof(int64_t)) == 0);
+}
+
+/* Pointer of a float32 (k = ADOPT_F32) or float64 CPU tensor with `count` elements, else
+ * ValueError naming it. */
+static int buffer_of(PyObject *t, int k, int64_t count, const char *name, void **out) {
+    meta_t m;
+    const int rc = read_meta(t, 1, &m);
+    if (rc < 0) return -1;
+    if (rc > 0 || m.dtype != dtype_codes[k] || m.device_type != cpu_code || !m.contiguous ||
+        m.numel != count || !m.in_bounds) {
+        PyErr_Format(PyExc_ValueError, "%s must be a contiguous %s CPU tensor with %lld element(s)", name,
+                     k == ADOPT_F32 ? "float32" : "float64", (long long)count);
+        return -1;
+    }
+    *out = m.data;
+    return 0;
 }
 
 static int float_buffer(PyObject *t, const char *name, float **out) {
     return buffer_of(t, ADOPT_F32, 1, name, (void **)out);
 }
 
-/* ---- the per-call table ---------------------------------------------------------------- */
+/* ---- binding the shim at import ---------------------------------------------------------- */
+
+#ifdef _WIN32
+typedef HMODULE library_t;
+static library_t open_library(const char *path) { return GetModuleHandleA(path); }
+static void *find_symbol(library_t lib, const char *name) { return (void *)GetProcAddress(lib, name); }
+#else
+typedef void *library_t;
+static library_t open_library(const char *path) {
+    library_t lib = dlopen(path, RTLD_LAZY | RTLD_NOLOAD); /* torch has loaded it already */
+    return lib != NULL ? lib : dlopen(path, RTLD_LAZY);
+}
+static void *find_symbol(library_t lib, const char *name) { return dlsym(lib, name); }
+#endif
+
+/* libtorch_cpu's path from torch/__init__.py's: <torch>/lib/<name>. New reference or NULL. */
+static PyObject *torch_cpu_library_path(PyObject *torch) {
+#if defined(_WIN32)
+    (void)torch;
+    return PyUnicode_FromString("torch_cpu.dll");
+#else
+#if defined(__APPLE__)
+    const char *name = "libtorch_cpu.dylib";
+#else
+    const char *name = "libtorch_cpu.so";
+#endif
+    PyObject *os_path = PyImport_ImportModule("os.path");
+    PyObject *file = os_path == NULL ? NULL : PyObject_GetAttrString(torch, "__file__");
+    PyObject *dir = file == NULL ? NULL : PyObject_CallMethod(os_path, "dirname", "O", file);
+    PyObject *path = dir == NULL ? NULL : PyObject_CallMethod(os_path, "join", "Oss", dir, "lib", name);
+    Py_XDECREF(dir);
+    Py_XDECREF(file);
+    Py_XDECREF(os_path);
+    return path;
+#endif
+}
+
+/* Resolves the shim's functions; 0, or -1 with ImportError naming what is missing. */
+static int bind_shim(PyObject *torch) {
+    PyObject *path = torch_cpu_library_path(torch);
+    if (path == NULL) return -1;
+    const char *c_path = PyUnicode_AsUTF8(path);
+    library_t lib = c_path == NULL ? NULL : open_library(c_path);
+    if (lib == NULL) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ImportError, "cannot open %U", path);
+        Py_DECREF(path);
+        return -1;
+    }
+    Py_DECREF(path);
+    static const char *const required[] = {
+        "aoti_torch_get_data_ptr", "aoti_torch_get_storage_size", "aoti_torch_get_storage_offset",
+        "aoti_torch_get_dim", "aoti_torch_get_sizes", "aoti_torch_get_strides", "aoti_torch_get_dtype",
+        "aoti_torch_get_device_type", "aoti_torch_get_device_index"};
+    void *found[sizeof required / sizeof *required];
+    for (size_t i = 0; i < sizeof required / sizeof *required; i++) {
+        found[i] = find_symbol(lib, required[i]);
+        if (found[i] == NULL) {
+            PyErr_Format(PyExc_ImportError, "torch's C shim has no %s", required[i]);
+            return -1;
+        }
+    }
+    memcpy(&shim.data_ptr, &found[0], sizeof(void *));
+    memcpy(&shim.storage_size, &found[1], sizeof(void *));
+    memcpy(&shim.storage_offset, &found[2], sizeof(void *));
+    memcpy(&shim.dim, &found[3], sizeof(void *));
+    memcpy(&shim.sizes, &found[4], sizeof(void *));
+    memcpy(&shim.strides, &found[5], sizeof(void *));
+    memcpy(&shim.dtype, &found[6], sizeof(void *));
+    memcpy(&shim.device_type, &found[7], sizeof(void *));
+    memcpy(&shim.device_index, &found[8], sizeof(void *));
+    void *layout = find_symbol(lib, "aoti_torch_get_layout"); /* optional: strides fail for other layouts */
+    memcpy(&shim.layout, &layout, sizeof(void *));
+    void *element_size = find_symbol(lib, "aoti_torch_dtype_element_size"); /* optional: other dtypes */
+    memcpy(&shim_element_size, &element_size, sizeof(void *));
+    static const char *const codes[] = {"aoti_torch_dtype_float32", "aoti_torch_dtype_float64",
+                                        "aoti_torch_dtype_float16", "aoti_torch_dtype_bfloat16",
+                                        "aoti_torch_device_type_cpu", "aoti_torch_layout_strided"};
+    int32_t values[6];
+    for (int i = 0; i < 6; i++) {
+        void *f = find_symbol(lib, codes[i]);
+        int32_t (*code)(void);
+        if (f == NULL) {
+            if (i == 5 && shim.layout == NULL) continue;
+            PyErr_Format(PyExc_ImportError, "torch's C shim has no %s", codes[i]);
+            return -1;
+        }
+        memcpy(&code, &f, sizeof f);
+        values[i] = code();
+    }
+    memcpy(dtype_codes, values, sizeof dtype_codes);
+    cpu_code = values[4];
+    strided_code = shim.layout == NULL ? 0 : values[5];
+    return 0;
+}
+
+static int64_t int_method(PyObject *x, const char *name, PyObject *arg) {
+    PyObject *r = arg == NULL ? PyObject_CallMethod(x, name, NULL) : PyObject_CallMethod(x, name, "O", arg);
+    const int64_t v = r == NULL ? -1 : PyLong_AsLongLong(r);
+    Py_XDECREF(r);
+    return v;
+}
+
+/* Whether the shim, reached through access_mode, reports for x (a CPU tensor of kernel dtype
+ * k with at most 8 dimensions) what Python reports. 1, 0, or -1 with an exception. */
+static int shim_agrees(PyObject *x, int k) {
+    PyObject *cdata = PyObject_GetAttrString(x, "_cdata");
+    void *impl = cdata == NULL ? NULL : PyLong_AsVoidPtr(cdata);
+    Py_XDECREF(cdata);
+    if (impl == NULL) return -1;
+    /* Under ACCESS_INLINE the at::Tensor after the header must hold that TensorImpl* before
+     * the shim may be handed its address. */
+    if (access_mode == ACCESS_INLINE && *(void **)((char *)x + sizeof(PyObject)) != impl) return 0;
+    const int64_t dim = int_method(x, "dim", NULL);
+    if (dim < 0 || dim > 8) return -1;
+    int64_t sizes[8], strides[8];
+    for (int64_t d = 0; d < dim; d++) {
+        PyObject *index = PyLong_FromLongLong(d);
+        sizes[d] = index == NULL ? -1 : int_method(x, "size", index);
+        strides[d] = index == NULL ? -1 : int_method(x, "stride", index);
+        Py_XDECREF(index);
+    }
+    PyObject *r = PyObject_CallMethod(x, "data_ptr", NULL);
+    void *data = r == NULL ? NULL : PyLong_AsVoidPtr(r);
+    Py_XDECREF(r);
+    const int64_t offset = int_method(x, "storage_offset", NULL);
+    PyObject *storage = PyObject_CallMethod(x, "untyped_storage", NULL);
+    const int64_t nbytes = storage == NULL ? -1 : int_method(storage, "nbytes", NULL);
+    Py_XDECREF(storage);
+    if (PyErr_Occurred()) return -1;
+
+    meta_t m;
+    void *holder;
+    shim_tensor t;
+    int64_t *shim_strides, shim_offset, shim_nbytes;
+    if (read_meta(x, 1, &m) != 0 || handle_of(x, &holder, &t) < 0 || shim.strides(t, &shim_strides) ||
+        shim.storage_offset(t, &shim_offset) || shim.storage_size(t, &shim_nbytes)) {
+        PyErr_Clear();
+        return 0;
+    }
+    int64_t numel = 1;
+    for (int64_t d = 0; d < dim; d++) numel *= sizes[d];
+    const size_t bytes = (size_t)dim * sizeof(int64_t);
+    return m.dim == dim && memcmp(m.sizes, sizes, bytes) == 0 && memcmp(shim_strides, strides, bytes) == 0 &&
+           m.dtype == dtype_codes[k] && m.device_type == cpu_code && m.numel == numel && m.in_bounds &&
+           m.data == data && shim_offset == offset && shim_nbytes == nbytes;
+}
+
+/*
+ * Chooses access_mode: the first one under which the shim agrees with Python on sample
+ * tensors (plain, a Parameter, transposed, offset views, each kernel dtype). ImportError when
+ * none does. ADOPT_CPU_TENSOR_ACCESS=cdata forces the _cdata route (tests cover both).
+ */
+static int choose_access(PyObject *torch) {
+    PyObject *samples = PyList_New(0);
+    if (samples == NULL) return -1;
+    static const char *const dtype_names[N_DTYPES] = {"float32", "float64", "float16", "bfloat16"};
+    int rc = 0;
+    for (int k = 0; k < N_DTYPES && rc == 0; k++) {
+        PyObject *dtype = PyObject_GetAttrString(torch, dtype_names[k]);
+        PyObject *kw = dtype == NULL ? NULL : Py_BuildValue("{s:O}", "dtype", dtype);
+        PyObject *empty = PyObject_GetAttrString(torch, "empty");
+        PyObject *args = Py_BuildValue("(ii)", 5, 7);
+        PyObject *base = empty == NULL || kw == NULL || args == NULL ? NULL : PyObject_Call(empty, args, kw);
+        PyObject *nn = base == NULL ? NULL : PyObject_GetAttrString(torch, "nn");
+        PyObject *param = nn == NULL ? NULL : PyObject_CallMethod(nn, "Parameter", "O", base);
+        PyObject *transposed = param == NULL ? NULL : PyObject_CallMethod(base, "t", NULL);
+        PyObject *flat = transposed == NULL ? NULL : PyObject_CallMethod(base, "view", "i", -1);
+        PyObject *three = flat == NULL ? NULL : PyLong_FromLong(3);
+        PyObject *slice = three == NULL ? NULL : PySlice_New(three, NULL, NULL);
+        PyObject *offset = slice == NULL ? NULL : PyObject_GetItem(flat, slice);
+        PyObject *items[] = {base, param, transposed, offset};
+        for (int i = 0; i < 4 && rc == 0; i++) {
+            PyObject *pair = items[i] == NULL ? NULL : Py_BuildValue("(Oi)", items[i], k);
+            rc = pair == NULL ? -1 : PyList_Append(samples, pair);
+            Py_XDECREF(pair);
+        }
+        Py_XDECREF(offset);
+        Py_XDECREF(slice);
+        Py_XDECREF(three);
+        Py_XDECREF(flat);
+        Py_XDECREF(transposed);
+        Py_XDECREF(param);
+        Py_XDECREF(nn);
+        Py_XDECREF(base);
+        Py_XDECREF(args);
+        Py_XDECREF(empty);
+        Py_XDECREF(kw);
+        Py_XDECREF(dtype);
+        if (PyErr_Occurred()) rc = -1;
+    }
+    const char *forced = getenv("ADOPT_CPU_TENSOR_ACCESS");
+    const int first = forced != NULL && strcmp(forced, "cdata") == 0 ? ACCESS_CDATA : ACCESS_INLINE;
+    int chosen = -1;
+    for (int mode = first; rc == 0 && chosen < 0 && mode <= ACCESS_CDATA; mode++) {
+        access_mode = mode;
+        int agree = 1;
+        for (Py_ssize_t i = 0; agree == 1 && i < PyList_GET_SIZE(samples); i++) {
+            PyObject *pair = PyList_GET_ITEM(samples, i);
+            agree = shim_agrees(PyTuple_GET_ITEM(pair, 0), (int)PyLong_AsLong(PyTuple_GET_ITEM(pair, 1)));
+        }
+        if (agree < 0) rc = -1;
+        else if (agree) chosen = mode;
+    }
+    Py_DECREF(samples);
+    if (rc < 0) return -1;
+    if (chosen < 0) {
+        PyErr_SetString(PyExc_ImportError,
+                        "torch's C shim does not report tensor metadata as Python does for this torch build");
+        return -1;
+    }
+    access_mode = chosen;
+    return 0;
+}
+
+/* ---- validation: the per-call table ------------------------------------------------------ */
 
 typedef struct {
     Py_ssize_t n;
-    int dtype;
+    int dtype;       /* adopt_dtype of every tensor but the steps */
+    int serial;      /* tensors of different params overlap: one thread, list order */
     void **ptrs;     /* N_LISTS * n data pointers, list-major */
-    int64_t *nbytes; /* 4 * n byte sizes of params, grads, exp_avgs, exp_avg_sqs, then */
-    int64_t *numel;  /* n element counts (same allocation) */
+    int64_t *numel;  /* n element counts */
+    meta_t *params;  /* n param metadata (shapes the other lists must have) */
 } table_t;
 
 static int table_alloc(table_t *t, Py_ssize_t n) {
     t->n = n;
     t->dtype = -1;
+    t->serial = 0;
     t->ptrs = (void **)malloc((size_t)n * N_LISTS * sizeof(void *));
-    t->nbytes = (int64_t *)malloc((size_t)n * 5 * sizeof(int64_t));
-    t->numel = t->nbytes == NULL ? NULL : t->nbytes + 4 * (size_t)n;
-    if (t->ptrs == NULL || t->nbytes == NULL) {
+    t->numel = (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    t->params = (meta_t *)malloc((size_t)n * sizeof(meta_t));
+    if (t->ptrs == NULL || t->numel == NULL || t->params == NULL) {
         free(t->ptrs);
-        free(t->nbytes);
+        free(t->numel);
+        free(t->params);
         t->ptrs = NULL;
-        t->nbytes = NULL;
+        t->numel = NULL;
+        t->params = NULL;
         PyErr_NoMemory();
         return -1;
     }
@@ -179,74 +477,174 @@ static int table_alloc(table_t *t, Py_ssize_t n) {
 
 static void table_free(table_t *t) {
     free(t->ptrs);
-    free(t->nbytes);
+    free(t->numel);
+    free(t->params);
     t->ptrs = NULL;
-    t->nbytes = NULL;
+    t->numel = NULL;
+    t->params = NULL;
     t->n = 0;
 }
 
-/*
- * Validates entry i of list l (l >= 1) against its param (dtype index and byte size taken
- * from the table) and records its pointer and size. Returns a status or -1.
- */
+static int storage_error(int l, Py_ssize_t i, const meta_t *m) {
+    PyErr_Format(PyExc_ValueError,
+                 "%s[%zd] has %lld element(s) but its storage does not hold them (freed or shrunk storage?)",
+                 list_names[l], i, (long long)m->numel);
+    return -1;
+}
+
+/* Validates param i and records it in the table. Returns a status or -1. */
+static int check_param(PyObject **items[N_LISTS], Py_ssize_t i, table_t *t) {
+    meta_t *m = &t->params[i];
+    const int rc = read_meta(items[0][i], 1, m);
+    if (rc != 0) return rc < 0 ? -1 : STATUS_NEEDS_UNWRAP;
+    const int k = dtype_index(m->dtype);
+    if (t->dtype < 0) {
+        if (k == N_DTYPES) {
+            PyErr_Format(PyExc_TypeError,
+                         "params[%zd]: the fused CPU kernel supports float64, float32, float16 and bfloat16 tensors",
+                         i);
+            return -1;
+        }
+        t->dtype = k;
+    } else if (k != t->dtype) {
+        return STATUS_NEEDS_GROUPING;
+    }
+    if (m->device_type != cpu_code) return STATUS_NEEDS_GROUPING;
+    if (!m->contiguous) return STATUS_NEEDS_CONTIGUOUS;
+    if (!m->in_bounds) return storage_error(0, i, m);
+    t->ptrs[i] = m->data;
+    t->numel[i] = m->numel;
+    return STATUS_DONE;
+}
+
+/* Validates entry i of list l (1 <= l <= 4) against its param. Returns a status or -1. */
 static int check_entry(PyObject **items[N_LISTS], int l, Py_ssize_t i, table_t *t) {
-    const size_t j = (size_t)l * t->n + i;
-    PyObject *x = items[l][i];
-    const int plain = plain_tensor(x);
-    if (plain <= 0) return plain < 0 ? -1 : STATUS_NEEDS_UNWRAP;
-    if (l == 4) return float_buffer(x, "each state step", (float **)&t->ptrs[j]) < 0 ? -1 : STATUS_DONE;
-    const int cpu = is_cpu(x);
-    if (cpu < 0) return -1;
-    if (!cpu) return STATUS_NEEDS_GROUPING;
-    const int k = dtype_index(x);
-    if (k < 0) return -1;
-    if (nbytes_of(x, &t->nbytes[j]) < 0) return -1;
-    if (k != t->dtype || t->nbytes[j] != t->nbytes[i]) {
-        PyErr_Format(PyExc_ValueError, "%s[%zd] does not match params[%zd] in dtype or size",
-                     list_names[l], i, i);
+    void **slot = &t->ptrs[(size_t)l * t->n + i];
+    if (l == 4) return float_buffer(items[4][i], "each state step", (float **)slot) < 0 ? -1 : STATUS_DONE;
+    meta_t m;
+    const int rc = read_meta(items[l][i], 1, &m);
+    if (rc != 0) return rc < 0 ? -1 : STATUS_NEEDS_UNWRAP;
+    if (m.device_type != cpu_code) return STATUS_NEEDS_GROUPING;
+    if (m.dtype != dtype_codes[t->dtype] || !same_shape(&m, &t->params[i])) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd] does not match params[%zd] in dtype or shape", list_names[l], i,
+                     i);
         return -1;
     }
-    const int contiguous = is_contiguous(x);
-    if (contiguous < 0) return -1;
-    if (!contiguous) return STATUS_NEEDS_CONTIGUOUS;
-    return data_ptr_of(x, &t->ptrs[j]) < 0 ? -1 : STATUS_DONE;
+    if (!m.contiguous) return STATUS_NEEDS_CONTIGUOUS;
+    if (!m.in_bounds) return storage_error(l, i, &m);
+    *slot = m.data;
+    return STATUS_DONE;
+}
+
+/* ---- validation: overlapping tensors ----------------------------------------------------- */
+
+/* Sorts keys (with their tags) ascending: LSD radix sort on bytes, skipping the bytes all
+ * keys share. `tmp_keys`/`tmp_tags` are scratch of the same length. */
+static void sort_ranges(uint64_t *keys, uint32_t *tags, uint64_t *tmp_keys, uint32_t *tmp_tags, size_t n) {
+    size_t counts[8][256];
+    memset(counts, 0, sizeof counts);
+    for (size_t i = 0; i < n; i++)
+        for (int d = 0; d < 8; d++) counts[d][(keys[i] >> (8 * d)) & 0xFF]++;
+    uint64_t *src_k = keys, *dst_k = tmp_keys;
+    uint32_t *src_t = tags, *dst_t = tmp_tags;
+    for (int d = 0; d < 8; d++) {
+        if (counts[d][(keys[0] >> (8 * d)) & 0xFF] == n) continue;
+        size_t offsets[256], sum = 0;
+        for (int b = 0; b < 256; b++) {
+            offsets[b] = sum;
+            sum += counts[d][b];
+        }
+        for (size_t i = 0; i < n; i++) {
+            const size_t at = offsets[(src_k[i] >> (8 * d)) & 0xFF]++;
+            dst_k[at] = src_k[i];
+            dst_t[at] = src_t[i];
+        }
+        uint64_t *k = src_k;
+        src_k = dst_k;
+        dst_k = k;
+        uint32_t *g = src_t;
+        src_t = dst_t;
+        dst_t = g;
+    }
+    if (src_k != keys) {
+        memcpy(keys, src_k, n * sizeof *keys);
+        memcpy(tags, src_t, n * sizeof *tags);
+    }
 }
 
 /*
- * Full validation of all lists into `t`: params of one supported dtype, every tensor on
- * the CPU, contiguous, of its param's dtype and size; steps contiguous float32 CPU
- * scalars. Returns a status or -1.
+ * Whether any two of the params, grads, exp_avgs and exp_avg_sqs share memory (the kernel's
+ * threads would write one another's elements). Across params (the same parameter twice in a
+ * group, views of one buffer) the table is marked serial; a param overlapping its own grad or
+ * state is a ValueError. Grads overlapping only grads are fine: they are only read.
+ * Returns 0 or -1.
  */
-static int validate(PyObject **items[N_LISTS], table_t *t) {
+static int check_overlaps(table_t *t) {
     const Py_ssize_t n = t->n;
-    t->dtype = -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *p = items[0][i];
-        const int plain = plain_tensor(p);
-        if (plain <= 0) return plain < 0 ? -1 : STATUS_NEEDS_UNWRAP;
-        const int k = dtype_index(p);
-        if (k < 0) return -1;
-        if (t->dtype < 0) {
-            if (k == 4) {
-                PyErr_Format(PyExc_TypeError,
-                             "params[%zd]: the fused CPU kernel supports float64, float32, "
-                             "float16 and bfloat16 tensors",
-                             i);
-                return -1;
+    const size_t cap = (size_t)n * 4;
+    if ((size_t)n > UINT32_MAX / 4) {
+        t->serial = 1; /* too many to tag: take the safe order without looking */
+        return 0;
+    }
+    uint64_t *keys = (uint64_t *)malloc(cap * 2 * sizeof(uint64_t));
+    uint32_t *tags = (uint32_t *)malloc(cap * 2 * sizeof(uint32_t));
+    if (keys == NULL || tags == NULL) {
+        free(keys);
+        free(tags);
+        PyErr_NoMemory();
+        return -1;
+    }
+    const int64_t itemsize = itemsizes[t->dtype];
+    size_t count = 0;
+    for (int l = 0; l < 4; l++)
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (t->numel[i] > 0) {
+                keys[count] = (uint64_t)(uintptr_t)t->ptrs[(size_t)l * n + i];
+                tags[count++] = (uint32_t)((size_t)l * n + i);
             }
-            t->dtype = k;
-        } else if (k != t->dtype) {
-            return STATUS_NEEDS_GROUPING;
+    int rc = 0;
+    if (count > 1) {
+        sort_ranges(keys, tags, keys + cap, tags + cap, count);
+        /* One pass finds whether anything overlaps; only then are the pairs classified. */
+        uint64_t reach = 0;
+        size_t first_overlap = count;
+        for (size_t a = 0; a < count && first_overlap == count; a++) {
+            if (a > 0 && keys[a] < reach) first_overlap = a;
+            const uint64_t end = keys[a] + (uint64_t)(t->numel[tags[a] % n] * itemsize);
+            if (end > reach) reach = end;
         }
-        const int cpu = is_cpu(p);
-        if (cpu < 0) return -1;
-        if (!cpu) return STATUS_NEEDS_GROUPING;
-        if (nbytes_of(p, &t->nbytes[i]) < 0) return -1;
-        t->numel[i] = t->nbytes[i] / itemsizes[k];
-        const int contiguous = is_contiguous(p);
-        if (contiguous < 0) return -1;
-        if (!contiguous) return STATUS_NEEDS_CONTIGUOUS;
-        if (data_ptr_of(p, &t->ptrs[i]) < 0) return -1;
+        for (size_t a = 0; first_overlap < count && a < count && rc == 0; a++) {
+            const uint64_t end = keys[a] + (uint64_t)(t->numel[tags[a] % n] * itemsize);
+            for (size_t b = a + 1; b < count && keys[b] < end && rc == 0; b++) {
+                const uint32_t la = tags[a] / (uint32_t)n, lb = tags[b] / (uint32_t)n;
+                const uint32_t ia = tags[a] % (uint32_t)n, ib = tags[b] % (uint32_t)n;
+                if (la == 1 && lb == 1) continue;
+                if (ia != ib) {
+                    t->serial = 1;
+                    continue;
+                }
+                PyErr_Format(PyExc_ValueError, "%s[%u] and %s[%u] share memory: the step would write one while reading the other",
+                             list_names[la < lb ? la : lb], ia, list_names[la < lb ? lb : la], ib);
+                rc = -1;
+            }
+        }
+    }
+    free(keys);
+    free(tags);
+    return rc;
+}
+
+/*
+ * Validates the lists (n > 0 entries each) into `table`, allocated here: params of one
+ * kernel dtype, every tensor a contiguous CPU tensor whose storage holds it, of its param's
+ * dtype and shape; steps float32 CPU scalars; no memory shared within a param. Returns a
+ * status (NEEDS_* without an exception) or -1.
+ */
+static int validate(PyObject **items[N_LISTS], Py_ssize_t n, table_t *t) {
+    if (table_alloc(t, n) < 0) return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int status = check_param(items, i, t);
+        if (status != STATUS_DONE) return status;
     }
     for (int l = 1; l < N_LISTS; l++) {
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -254,152 +652,7 @@ static int validate(PyObject **items[N_LISTS], table_t *t) {
             if (status != STATUS_DONE) return status;
         }
     }
-    return STATUS_DONE;
-}
-
-/* ---- plan cache ---------------------------------------------------------------------- */
-
-typedef struct {
-    table_t table;   /* table.n == 0: empty slot */
-    PyObject **refs; /* N_LISTS * n weak references to the validated tensors */
-} plan_t;
-
-static plan_t plans[N_PLANS];
-static int next_victim;
-
-static PyObject *ref_target(PyObject *ref) {
-#if PY_VERSION_HEX >= 0x030D0000
-    PyObject *obj = NULL;
-    if (PyWeakref_GetRef(ref, &obj) < 0) PyErr_Clear();
-    Py_XDECREF(obj); /* only compared by identity with a live object */
-    return obj;
-#else
-    return PyWeakref_GET_OBJECT(ref);
-#endif
-}
-
-static void plan_clear(plan_t *plan) {
-    const size_t count = (size_t)plan->table.n * N_LISTS;
-    for (size_t j = 0; plan->refs != NULL && j < count; j++) Py_XDECREF(plan->refs[j]);
-    free(plan->refs);
-    plan->refs = NULL;
-    table_free(&plan->table);
-}
-
-/* The cached plan whose first param is `first` (a plan for a list of n tensors), or NULL. */
-static plan_t *plan_find(PyObject *first, Py_ssize_t n) {
-    for (int s = 0; s < N_PLANS; s++)
-        if (plans[s].table.n == n && ref_target(plans[s].refs[0]) == first) return &plans[s];
-    return NULL;
-}
-
-/*
- * Whether entry j still is the same object with the same data pointer. A new pointer (from
- * .data = ..., set_, a storage resize, a reallocation) means new memory: validate again.
- * What keeps object and pointer but could change the size (resize_ to fewer elements,
- * slicing .data in place) keeps the memory the plan was validated on, so using the plan is
- * memory-safe; a fresh gradient is checked against the size the plan recorded.
- */
-static int entry_unchanged(const plan_t *plan, size_t j, PyObject *x) {
-    if (ref_target(plan->refs[j]) != x) return 0;
-    void *ptr;
-    if (data_ptr_of(x, &ptr) < 0) return -1;
-    return ptr == plan->table.ptrs[j];
-}
-
-/*
- * Brings a plan up to date with the lists. Every param must be unchanged; any other entry
- * that changed (a fresh gradient after zero_grad(set_to_none=True), a loaded state) is
- * validated on its own and its record replaced. Returns 1 when the plan now describes the
- * lists, 0 when it had to be dropped (validate from scratch), -1 on error (plan dropped).
- */
-static int plan_refresh(plan_t *plan, PyObject **items[N_LISTS]) {
-    table_t *t = &plan->table;
-    const Py_ssize_t n = t->n;
-    int rc = 1;
-    for (int l = 0; l < N_LISTS && rc == 1; l++) {
-        for (Py_ssize_t i = 0; i < n && rc == 1; i++) {
-            const size_t j = (size_t)l * n + i;
-            PyObject *x = items[l][i];
-            const int same = entry_unchanged(plan, j, x);
-            if (same != 0) {
-                rc = same;
-                continue;
-            }
-            const int status = l == 0 ? STATUS_NEEDS_GROUPING : check_entry(items, l, i, t);
-            if (status != STATUS_DONE) {
-                rc = status < 0 ? -1 : 0;
-                continue;
-            }
-            PyObject *ref = PyWeakref_NewRef(x, NULL);
-            if (ref == NULL) {
-                PyErr_Clear();
-                rc = 0;
-                continue;
-            }
-            Py_SETREF(plan->refs[j], ref);
-        }
-    }
-    if (rc != 1) plan_clear(plan);
-    return rc;
-}
-
-/* Stores a copy of a validated table as the plan for these lists (caching is optional:
- * nothing is stored when memory is short or a tensor is not weak-referenceable). */
-static void plan_store(plan_t *slot, const table_t *table, PyObject **items[N_LISTS]) {
-    const Py_ssize_t n = table->n;
-    table_t copy;
-    if (table_alloc(&copy, n) < 0) {
-        PyErr_Clear();
-        return;
-    }
-    copy.dtype = table->dtype;
-    memcpy(copy.ptrs, table->ptrs, (size_t)n * N_LISTS * sizeof(void *));
-    memcpy(copy.nbytes, table->nbytes, (size_t)n * 5 * sizeof(int64_t));
-    PyObject **refs = (PyObject **)calloc((size_t)n * N_LISTS, sizeof(PyObject *));
-    for (size_t j = 0; refs != NULL && j < (size_t)n * N_LISTS; j++) {
-        refs[j] = PyWeakref_NewRef(items[j / n][j % n], NULL);
-        if (refs[j] == NULL) {
-            PyErr_Clear();
-            for (size_t k = 0; k < j; k++) Py_DECREF(refs[k]);
-            free(refs);
-            refs = NULL;
-        }
-    }
-    if (refs == NULL) {
-        table_free(&copy);
-        return;
-    }
-    plan_clear(slot);
-    slot->table = copy;
-    slot->refs = refs;
-}
-
-/*
- * Validated pointers of the lists (n > 0 entries each) in `table`, allocated here. With
- * `cache`, a plan for the same tensors is refreshed instead of validating from scratch, and
- * a fresh validation is remembered. The table is this call's own copy: the cache may change
- * while the kernel runs without the GIL. Returns a status or -1.
- */
-static int prepare(PyObject **items[N_LISTS], Py_ssize_t n, int cache, table_t *table) {
-    if (table_alloc(table, n) < 0) return -1;
-    plan_t *plan = cache ? plan_find(items[0][0], n) : NULL;
-    const int hit = plan != NULL ? plan_refresh(plan, items) : 0;
-    if (hit < 0) return -1;
-    if (hit) {
-        memcpy(table->ptrs, plan->table.ptrs, (size_t)n * N_LISTS * sizeof(void *));
-        memcpy(table->numel, plan->table.numel, (size_t)n * sizeof(int64_t));
-        table->dtype = plan->table.dtype;
-        return STATUS_DONE;
-    }
-    const int status = validate(items, table);
-    if (status != STATUS_DONE || !cache) return status;
-    if (plan == NULL) { /* a dropped plan's slot is reused, else the oldest one */
-        plan = &plans[next_victim];
-        next_victim = (next_victim + 1) % N_PLANS;
-    }
-    plan_store(plan, table, items);
-    return STATUS_DONE;
+    return check_overlaps(t) < 0 ? -1 : STATUS_DONE;
 }
 
 /* ---- hyperparameters and the kernel call ------------------------------------------------ */
@@ -464,7 +717,7 @@ static adopt_cpu_args kernel_args(const table_t *t, const hyper_t *h, const doub
         .eps = h->eps,
         .decouple = h->decouple,
         .maximize = h->maximize,
-        .num_threads = num_threads,
+        .num_threads = t->serial ? 1 : num_threads,
     };
     return a;
 }
@@ -480,53 +733,58 @@ static int amp_scalar(PyObject *t, const char *name, const float **out) {
 PyDoc_STRVAR(step_doc,
              "step(params, grads, exp_avgs, exp_avg_sqs, state_steps, clip_table, grad_scale,\n"
              "     found_inf, lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode,\n"
-             "     decouple, maximize, num_threads, cache, dry_run) -> int\n\n"
+             "     decouple, maximize, num_threads, dry_run) -> int\n\n"
              "One fused ADOPT step over CPU tensors of one dtype (float32/64, float16, "
              "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS / NEEDS_UNWRAP without "
              "changing anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
-             "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). cache: "
-             "remember the\nvalidated tensors for the next call (pass False for temporary "
-             "views). dry_run:\nvalidate only (same result, nothing runs).");
+             "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). dry_run: "
+             "validate only\n(same result, nothing runs).");
 
-/* Positional arguments of step(): 8 objects, then the hyperparameters, then 3 ints. */
-#define STEP_NARGS 20
+/* Positional arguments of step(): 8 objects, then the hyperparameters, then 2 ints. */
+#define STEP_NARGS 19
 
-/* METH_FASTCALL: no argument tuple is built per call (a tuple per step would also feed
- * the garbage collector's allocation counter). */
+/* Snapshots of the 5 lists (new tuples in lists[], their items in items[]), all of one
+ * length *n. Runs Python code (iteration). Returns 0 or -1. */
+static int snapshot_lists(PyObject *const *args, PyObject *lists[N_LISTS], PyObject **items[N_LISTS],
+                          Py_ssize_t *n) {
+    for (int l = 0; l < N_LISTS; l++) {
+        lists[l] = PySequence_Tuple(args[l]);
+        if (lists[l] == NULL) return -1;
+        const Py_ssize_t size = PyTuple_GET_SIZE(lists[l]);
+        if (l > 0 && size != *n) {
+            PyErr_Format(PyExc_ValueError, "%s has %zd entries but params has %zd", list_names[l], size, *n);
+            return -1;
+        }
+        *n = size;
+        items[l] = &PyTuple_GET_ITEM(lists[l], 0);
+    }
+    return 0;
+}
+
+/* METH_FASTCALL: no argument tuple is built per call. */
 static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != STEP_NARGS)
         return PyErr_Format(PyExc_TypeError, "step() takes %d positional arguments (%zd given)",
                             STEP_NARGS, nargs);
-    PyObject *const *lists = args;
     PyObject *clip_table = args[5], *grad_scale = args[6], *found_inf = args[7];
-    hyper_t h;
-    int num_threads, cache, dry_run;
-    if (hyper_args(args + 8, &h) || int_arg(args, 17, &num_threads) || bool_arg(args, 18, &cache) ||
-        bool_arg(args, 19, &dry_run))
-        return NULL;
-
-    PyObject *fast[N_LISTS] = {NULL, NULL, NULL, NULL, NULL};
+    PyObject *lists[N_LISTS] = {NULL, NULL, NULL, NULL, NULL};
     PyObject **items[N_LISTS];
-    table_t table = {0, -1, NULL, NULL, NULL};
+    table_t table = {0, -1, 0, NULL, NULL, NULL};
     PyObject *result = NULL;
     Py_ssize_t n = 0;
-    for (int l = 0; l < N_LISTS; l++) {
-        fast[l] = PySequence_Fast(lists[l], "tensor lists must be lists or tuples");
-        if (fast[l] == NULL) goto done;
-        if (l > 0 && PySequence_Fast_GET_SIZE(fast[l]) != n) {
-            PyErr_Format(PyExc_ValueError, "%s has %zd entries but params has %zd",
-                         list_names[l], PySequence_Fast_GET_SIZE(fast[l]), n);
-            goto done;
-        }
-        n = PySequence_Fast_GET_SIZE(fast[l]);
-        items[l] = PySequence_Fast_ITEMS(fast[l]);
-    }
+    hyper_t h;
+    int num_threads, dry_run;
+    /* Phase 1: everything that can run Python code. */
+    if (hyper_args(args + 8, &h) || int_arg(args, 17, &num_threads) || bool_arg(args, 18, &dry_run) ||
+        snapshot_lists(args, lists, items, &n) < 0)
+        goto done;
     if (n == 0) {
         result = PyLong_FromLong(STATUS_DONE);
         goto done;
     }
-    const int status = prepare(items, n, cache, &table);
+    /* Phase 2: no Python code runs from here until the kernel has returned. */
+    const int status = validate(items, n, &table);
     if (status < 0) goto done;
     if (status != STATUS_DONE) {
         result = PyLong_FromLong(status);
@@ -540,14 +798,9 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (amp_scalar(grad_scale, "grad_scale", &scale_ptr) || amp_scalar(found_inf, "found_inf", &inf_ptr))
         goto done;
     const adopt_cpu_args a = kernel_args(&table, &h, table_ptr, scale_ptr, inf_ptr, num_threads);
-    /* The kernel only reads this call's own table, so the GIL can be released. */
-    int rc = 0;
-    if (!dry_run) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = adopt_cpu_step(&a);
-        Py_END_ALLOW_THREADS
-    }
-    if (rc != 0) {
+    /* The GIL stays held: another thread could otherwise free or resize a tensor under the
+     * kernel. */
+    if (!dry_run && adopt_cpu_step(&a) != 0) {
         PyErr_NoMemory();
         goto done;
     }
@@ -555,7 +808,7 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 done:
     table_free(&table);
-    for (int l = 0; l < N_LISTS; l++) Py_XDECREF(fast[l]);
+    for (int l = 0; l < N_LISTS; l++) Py_XDECREF(lists[l]);
     return result;
 }
 
@@ -595,50 +848,61 @@ static PyObject *state_of(PyObject *state, PyObject *p, Py_ssize_t *pos) {
     return PyDict_GetItemWithError(state, p);
 }
 
+/* p_state[key] as a new reference, or NULL with or without an exception. */
+static PyObject *state_entry(PyObject *p_state, PyObject *key) {
+    PyObject *value = PyDict_GetItemWithError(p_state, key);
+    Py_XINCREF(value);
+    return value;
+}
+
 /*
- * The lists ADOPT._init_group builds for `params`: each parameter with a gradient, the
- * gradient and the parameter's exp_avg, exp_avg_sq and step from `state`. `pos` walks the
- * state dict (see state_of). Returns STATUS_DONE, STATUS_DECLINED when a parameter with a
- * gradient has no (complete) state, or -1.
+ * Phase 1 for one group: the lists ADOPT._init_group builds for `params` (each parameter
+ * with a gradient, the gradient and the parameter's exp_avg, exp_avg_sq and step from
+ * `state`), as new references, so that Python code run by a lookup (Tensor.__hash__, a
+ * __torch_function__ getter, a collection) cannot free what was already gathered.
+ * Returns STATUS_DONE, STATUS_DECLINED when a parameter with a gradient has no (complete)
+ * state, or -1.
  */
 static int gather(PyObject *params, PyObject *state, Py_ssize_t *pos, group_t *g) {
-    PyObject *fast = PySequence_Fast(params, "params must be a list or tuple");
-    if (fast == NULL) return -1;
-    g->cap = PySequence_Fast_GET_SIZE(fast);
+    PyObject *snapshot = PySequence_Tuple(params);
+    if (snapshot == NULL) return -1;
+    g->cap = PyTuple_GET_SIZE(snapshot);
     g->objs = (PyObject **)malloc(((size_t)g->cap * N_LISTS + 1) * sizeof(PyObject *));
     if (g->objs == NULL) {
-        Py_DECREF(fast);
+        Py_DECREF(snapshot);
         PyErr_NoMemory();
         return -1;
     }
     int status = STATUS_DONE;
     for (Py_ssize_t i = 0; i < g->cap && status == STATUS_DONE; i++) {
-        PyObject *p = PySequence_Fast_GET_ITEM(fast, i);
-        PyObject *grad = get(attr_grad, p);
-        if (grad == NULL) {
+        PyObject *p = PyTuple_GET_ITEM(snapshot, i);
+        PyObject *entry[N_LISTS] = {p, NULL, NULL, NULL, NULL};
+        entry[1] = Py_TYPE(attr_grad)->tp_descr_get(attr_grad, p, (PyObject *)Py_TYPE(p));
+        if (entry[1] == NULL) {
             status = -1;
             break;
         }
-        if (grad == Py_None) {
-            Py_DECREF(grad);
+        if (entry[1] == Py_None) {
+            Py_DECREF(entry[1]);
             continue;
         }
-        PyObject *entry[N_LISTS] = {p, grad, NULL, NULL, NULL};
         PyObject *p_state = state_of(state, p, pos);
+        Py_XINCREF(p_state);
         if (p_state != NULL && PyDict_Check(p_state)) {
-            entry[2] = PyDict_GetItemWithError(p_state, str_exp_avg);
-            entry[3] = entry[2] == NULL ? NULL : PyDict_GetItemWithError(p_state, str_exp_avg_sq);
-            entry[4] = entry[3] == NULL ? NULL : PyDict_GetItemWithError(p_state, str_step);
+            entry[2] = state_entry(p_state, str_exp_avg);
+            entry[3] = entry[2] == NULL ? NULL : state_entry(p_state, str_exp_avg_sq);
+            entry[4] = entry[3] == NULL ? NULL : state_entry(p_state, str_step);
         }
+        Py_XDECREF(p_state);
         if (entry[4] == NULL) {
-            Py_DECREF(grad);
+            for (int l = 1; l < N_LISTS; l++) Py_XDECREF(entry[l]);
             status = PyErr_Occurred() ? -1 : STATUS_DECLINED;
             break;
         }
-        for (int l = 0; l < N_LISTS; l++) g->objs[l * g->cap + g->n] = l == 1 ? grad : Py_NewRef(entry[l]);
+        for (int l = 0; l < N_LISTS; l++) g->objs[l * g->cap + g->n] = l == 0 ? Py_NewRef(p) : entry[l];
         g->n++;
     }
-    Py_DECREF(fast);
+    Py_DECREF(snapshot);
     return status;
 }
 
@@ -653,19 +917,22 @@ PyDoc_STRVAR(step_groups_doc,
 
 #define GROUP_FIELDS 10
 
-static int prepare_group(PyObject *spec, PyObject *state, Py_ssize_t *pos, group_t *g) {
+static int gather_group(PyObject *spec, PyObject *state, Py_ssize_t *pos, group_t *g) {
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != GROUP_FIELDS) {
         PyErr_SetString(PyExc_TypeError, "each group must be a tuple of 10 fields");
         return -1;
     }
     PyObject *const *fields = &PyTuple_GET_ITEM(spec, 0);
     if (hyper_args(fields + 1, &g->hyper) < 0) return -1;
-    const int status = gather(fields[0], state, pos, g);
-    if (status != STATUS_DONE || g->n == 0) return status;
+    return gather(fields[0], state, pos, g);
+}
+
+static int validate_group(group_t *g) {
+    if (g->n == 0) return STATUS_DONE;
     PyObject **items[N_LISTS];
     for (int l = 0; l < N_LISTS; l++) items[l] = g->objs + l * g->cap;
-    const int prepared = prepare(items, g->n, 1, &g->table);
-    return prepared == STATUS_DONE || prepared < 0 ? prepared : STATUS_DECLINED;
+    const int status = validate(items, g->n, &g->table);
+    return status == STATUS_DONE || status < 0 ? status : STATUS_DECLINED;
 }
 
 static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -676,42 +943,78 @@ static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_
     int num_threads;
     if (!PyDict_Check(state)) return PyErr_Format(PyExc_TypeError, "state must be a dict");
     if (int_arg(args, 4, &num_threads) < 0) return NULL;
-    PyObject *fast = PySequence_Fast(args[0], "groups must be a list or tuple");
-    if (fast == NULL) return NULL;
-    const Py_ssize_t n_groups = PySequence_Fast_GET_SIZE(fast);
+    PyObject *specs = PySequence_Tuple(args[0]);
+    if (specs == NULL) return NULL;
+    const Py_ssize_t n_groups = PyTuple_GET_SIZE(specs);
     group_t *groups = (group_t *)calloc((size_t)n_groups + 1, sizeof(group_t));
     int status = groups == NULL ? -1 : STATUS_DONE;
     if (groups == NULL) PyErr_NoMemory();
+    /* Phase 1: every group's objects, before any tensor is looked at. */
+    Py_ssize_t pos = 0;
+    for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++)
+        status = gather_group(PyTuple_GET_ITEM(specs, k), state, &pos, &groups[k]);
+    /* Phase 2: no Python code runs from here until the last kernel has returned. Every group
+     * is validated before any runs. */
+    for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++) status = validate_group(&groups[k]);
     const float *scale_ptr = NULL, *inf_ptr = NULL;
     if (status == STATUS_DONE &&
         (amp_scalar(args[2], "grad_scale", &scale_ptr) || amp_scalar(args[3], "found_inf", &inf_ptr)))
         status = -1;
-    /* Every group is validated before any runs. */
-    Py_ssize_t pos = 0;
-    for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++)
-        status = prepare_group(PySequence_Fast_GET_ITEM(fast, k), state, &pos, &groups[k]);
     if (status < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
         PyErr_Clear(); /* the general path raises it again, with its own message */
         status = STATUS_DECLINED;
     }
     int rc = 0;
-    if (status == STATUS_DONE) {
-        /* The gathered references keep every tensor alive while the GIL is released. */
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t k = 0; k < n_groups && rc == 0; k++) {
-            if (groups[k].n == 0) continue;
-            const adopt_cpu_args a = kernel_args(&groups[k].table, &groups[k].hyper, NULL, scale_ptr,
-                                                 inf_ptr, num_threads);
-            rc = adopt_cpu_step(&a);
-        }
-        Py_END_ALLOW_THREADS
+    for (Py_ssize_t k = 0; status == STATUS_DONE && k < n_groups && rc == 0; k++) {
+        if (groups[k].n == 0) continue;
+        const adopt_cpu_args a =
+            kernel_args(&groups[k].table, &groups[k].hyper, NULL, scale_ptr, inf_ptr, num_threads);
+        rc = adopt_cpu_step(&a);
     }
     for (Py_ssize_t k = 0; groups != NULL && k < n_groups; k++) group_free(&groups[k]);
     free(groups);
-    Py_DECREF(fast);
+    Py_DECREF(specs);
     if (rc != 0) return PyErr_NoMemory();
     return status < 0 ? NULL : PyLong_FromLong(status);
 }
+
+/* ---- check_lists() ----------------------------------------------------------------------- */
+
+PyDoc_STRVAR(check_lists_doc,
+             "check_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps) -> int\n\n"
+             "-1 when every grad, exp_avg and exp_avg_sq is a strided tensor of its param's shape,\n"
+             "dtype and device, every step a one-element tensor, and every storage holds its\n"
+             "tensor's elements; else the index of the first\n"
+             "param this cannot confirm (a mismatch, or a tensor it cannot read such as a DTensor),\n"
+             "from which the caller checks on. Tensors on any device; no data is read.");
+
+static PyObject *py_check_lists(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != N_LISTS)
+        return PyErr_Format(PyExc_TypeError, "check_lists() takes %d positional arguments (%zd given)", N_LISTS,
+                            nargs);
+    PyObject *lists[N_LISTS] = {NULL, NULL, NULL, NULL, NULL};
+    PyObject **items[N_LISTS];
+    Py_ssize_t n = 0, first = -1;
+    if (snapshot_lists(args, lists, items, &n) < 0) {
+        for (int l = 0; l < N_LISTS; l++) Py_XDECREF(lists[l]);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n && first < 0; i++) {
+        meta_t p, m;
+        int ok = read_meta(items[0][i], 0, &p) == 0 && p.in_bounds;
+        for (int l = 1; ok && l < 4; l++)
+            ok = read_meta(items[l][i], 0, &m) == 0 && m.in_bounds && m.dtype == p.dtype &&
+                 m.device_type == p.device_type && m.device_index == p.device_index && same_shape(&m, &p);
+        ok = ok && read_meta(items[4][i], 0, &m) == 0 && m.in_bounds && m.numel == 1;
+        if (!ok) first = i;
+    }
+    for (int l = 0; l < N_LISTS; l++) Py_DECREF(lists[l]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromSsize_t(first);
+}
+
+/* ---- host_steps(), has_openmp() ------------------------------------------------------------ */
 
 PyDoc_STRVAR(host_steps_doc,
              "host_steps(state_steps) -> list[int] | None\n\n"
@@ -719,14 +1022,13 @@ PyDoc_STRVAR(host_steps_doc,
 
 static PyObject *py_host_steps(PyObject *self, PyObject *steps) {
     (void)self;
-    PyObject *fast = PySequence_Fast(steps, "state_steps must be a list or tuple");
-    if (fast == NULL) return NULL;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject **items = PySequence_Fast_ITEMS(fast);
+    PyObject *snapshot = PySequence_Tuple(steps);
+    if (snapshot == NULL) return NULL;
+    const Py_ssize_t n = PyTuple_GET_SIZE(snapshot);
     PyObject *out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
         float *ptr;
-        if (float_buffer(items[i], "each state step", &ptr) < 0) {
+        if (float_buffer(PyTuple_GET_ITEM(snapshot, i), "each state step", &ptr) < 0) {
             Py_CLEAR(out);
             if (PyErr_ExceptionMatches(PyExc_ValueError)) {
                 PyErr_Clear();
@@ -738,7 +1040,7 @@ static PyObject *py_host_steps(PyObject *self, PyObject *steps) {
         if (v == NULL) Py_CLEAR(out);
         else PyList_SET_ITEM(out, i, v);
     }
-    Py_DECREF(fast);
+    Py_DECREF(snapshot);
     return out;
 }
 
@@ -748,11 +1050,20 @@ static PyObject *py_has_openmp(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(adopt_cpu_has_openmp());
 }
 
+static PyObject *py_tensor_access(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(access_mode == ACCESS_INLINE ? "inline" : "cdata");
+}
+
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL, step_doc},
     {"step_groups", (PyCFunction)(void (*)(void))py_step_groups, METH_FASTCALL, step_groups_doc},
+    {"check_lists", (PyCFunction)(void (*)(void))py_check_lists, METH_FASTCALL, check_lists_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
+    {"tensor_access", py_tensor_access, METH_NOARGS,
+     "How tensor metadata is reached: 'inline' (the at::Tensor in the Python object) or 'cdata'."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -765,37 +1076,26 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__adopt_cpu(void) {
-    static const char *dtype_names[4] = {"float32", "float64", "float16", "bfloat16"};
     PyObject *torch = PyImport_ImportModule("torch");
     if (torch == NULL) return NULL;
     PyObject *c = PyObject_GetAttrString(torch, "_C");
     PyObject *base = c == NULL ? NULL : PyObject_GetAttrString(c, "TensorBase");
     disabled_dispatch = c == NULL ? NULL : PyObject_GetAttrString(c, "_disabled_torch_dispatch_impl");
     Py_XDECREF(c);
-    PyObject *nn = PyObject_GetAttrString(torch, "nn");
-    parameter_type = nn == NULL ? NULL : PyObject_GetAttrString(nn, "Parameter");
-    Py_XDECREF(nn);
-    tensor_type = PyObject_GetAttrString(torch, "Tensor");
-    str_torch_dispatch = PyUnicode_InternFromString("__torch_dispatch__");
-    int ok = base != NULL && disabled_dispatch != NULL && parameter_type != NULL && tensor_type != NULL &&
-             str_torch_dispatch != NULL && PyType_Check(tensor_type);
-    for (int k = 0; ok && k < 4; k++) ok = (torch_dtypes[k] = PyObject_GetAttrString(torch, dtype_names[k])) != NULL;
-    ok = ok && (attr_data_ptr = PyObject_GetAttrString(base, "data_ptr")) != NULL &&
-         (attr_is_contiguous = PyObject_GetAttrString(base, "is_contiguous")) != NULL &&
-         (attr_nbytes = PyObject_GetAttrString(base, "nbytes")) != NULL &&
-         (attr_dtype = PyObject_GetAttrString(base, "dtype")) != NULL &&
-         (attr_is_cpu = PyObject_GetAttrString(base, "is_cpu")) != NULL &&
-         (attr_grad = PyObject_GetAttrString(base, "grad")) != NULL &&
-         (str_exp_avg = PyUnicode_InternFromString("exp_avg")) != NULL &&
-         (str_exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq")) != NULL &&
-         (str_step = PyUnicode_InternFromString("step")) != NULL;
+    int ok = base != NULL && disabled_dispatch != NULL && PyType_Check(base) &&
+             (str_torch_dispatch = PyUnicode_InternFromString("__torch_dispatch__")) != NULL &&
+             (attr_grad = PyObject_GetAttrString(base, "grad")) != NULL &&
+             (attr_cdata = PyObject_GetAttrString(base, "_cdata")) != NULL &&
+             (str_exp_avg = PyUnicode_InternFromString("exp_avg")) != NULL &&
+             (str_exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq")) != NULL &&
+             (str_step = PyUnicode_InternFromString("step")) != NULL;
+    if (ok) tensor_base_type = (PyTypeObject *)Py_NewRef(base);
     Py_XDECREF(base);
+    ok = ok && bind_shim(torch) == 0 && choose_access(torch) == 0;
     Py_DECREF(torch);
-    if (!ok) return NULL;
-    if (Py_IS_TYPE(attr_data_ptr, &PyMethodDescr_Type)) {
-        PyMethodDef *def = ((PyMethodDescrObject *)attr_data_ptr)->d_method;
-        if ((def->ml_flags & (METH_VARARGS | METH_FASTCALL | METH_NOARGS | METH_O | METH_KEYWORDS)) == METH_NOARGS)
-            data_ptr_function = def->ml_meth;
+    if (!ok) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ImportError, "torch has no TensorBase");
+        return NULL;
     }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
