@@ -21,6 +21,21 @@ there again) and its share of
 of them alike. The table reports the median
 (and min) with ratios to the roofline and to ``AdamW(fused=True)``. All paths of a case
 are alive together: about 16 bytes per parameter per path (5 paths: 4 GB at 50M).
+
+Warm and cold cache (``--cache``): the warm figures above are a step whose data the
+previous step left in cache. In training, forward and backward stream other memory between
+two steps, so the step starts with its data in main memory. The cold figures model that:
+before every cold timed step of every path, and before every cold timed add, the benchmark
+reads and writes a buffer several times the last-level cache (``--flush-mib``; default
+96 MiB, or 3x the largest cache ``/sys`` or CUDA reports when that is larger). The flush is
+not timed. Cold steps are timed in the same interleaved rounds as warm ones, right after a
+path's warm share, and the cold roofline is the cold in-place add's time times 7/3, so
+every cold ratio compares cold with cold.
+
+JSON: each case holds the warm figures in ``roofline`` and ``results`` (as before cold
+figures existed) and the cold ones in ``cold`` (``flush_bytes``, ``roofline``,
+``results``); every row also says its ``cache``. With ``--cache cold`` a case has only
+``cold``, with ``--cache warm`` no ``cold``.
 """
 
 from __future__ import annotations
@@ -45,6 +60,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
 ROUNDS = 5  # interleaved timing rounds per case
 WARM_UP_SECONDS = 0.025  # least untimed time per path at the start of each round
+CACHE_CHOICES = {"warm": ("warm",), "cold": ("cold",), "both": ("warm", "cold")}
+DEFAULT_FLUSH_MIB = 96  # at least this much is streamed before every cold timed call
+FLUSH_CACHE_FACTOR = 3  # ... or this many times the largest cache the system reports
 
 DESCRIPTION = """\
 Time one optimizer step of every ADOPT path (single-tensor, foreach, fused) and of
@@ -63,6 +81,15 @@ other load on the machine affects them alike; the table shows the median and min
 time, "x roofline" and "x AdamW fused" (below 1.0: faster). Every path of a case stays in
 memory during its rounds: about 16 bytes per parameter per path (4 GB for 50M, 5 paths).
 The JSON file holds every timing and a description of the machine.
+
+Warm or cold cache (--cache, default both): "warm" rows time a step right after other
+steps of the same path, so data that fits in cache is found there. In a training loop the
+forward and backward passes stream other memory between two steps, so the step's data is
+in main memory instead: "cold" rows model that by streaming a large buffer (--flush-mib,
+default 96 MiB or 3x the last-level cache if larger) before every timed step and before
+every timed add of the cold roofline. The flush is not timed. Cold rows are compared with
+the cold roofline and cold AdamW fused. Small cases, whose data fits in cache, are where
+the two differ most. The flush buffer stays in memory for the whole run.
 """
 
 EPILOG = """\
@@ -72,6 +99,7 @@ examples:
   python -m adopt bench --sizes 10M:100       one case: 10M parameters in 100 tensors
   python -m adopt bench --device cuda         on the GPU (needs triton for adopt-fused)
   python -m adopt bench --quick --out b.json  a quick smoke run, results in b.json
+  python -m adopt bench --cache cold          only the cache-cold steps (data in main memory)
 """
 
 
@@ -133,7 +161,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--repeats", type=_positive_int, default=None,
-        help="timed steps per path; the median is reported (default: 50 for cases up to 10M "
+        help="timed steps per path (and per cache mode, see --cache); the median is reported (default: 50 for cases up to 10M "
         "parameters, 20 above; --quick: 3)",
     )
     parser.add_argument(
@@ -145,6 +173,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"which optimizers to time (default: all of {', '.join(PATHS)})",
     )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype (default: float32)")
+    parser.add_argument(
+        "--cache", choices=tuple(CACHE_CHOICES), default="both",
+        help="time steps with their data in cache (warm: the previous step of the same path left it there), "
+        "with it in main memory (cold: a large buffer is streamed before every timed step, as forward and "
+        "backward do in training), or both (default: both)",
+    )
+    parser.add_argument(
+        "--flush-mib", type=_positive_int, default=None, metavar="MIB",
+        help=f"MiB (2**20 bytes) read and written before every cold timed call, untimed; it must exceed the "
+        f"last-level cache (default: {DEFAULT_FLUSH_MIB}, or {FLUSH_CACHE_FACTOR}x the largest cache the "
+        f"system reports if that is more; for this CPU: {default_flush_bytes(torch.device('cpu')) // 2**20})",
+    )
     parser.add_argument("--quick", action="store_true", help="small cases and 3 repeats: a smoke run in seconds")
     parser.add_argument(
         "--out", type=Path, default=Path("adopt-bench") / "bench.json",
@@ -221,6 +261,46 @@ def _setup_add(total: int, device: torch.device, dtype: torch.dtype, warmup: int
     return add
 
 
+def largest_cache_bytes(device: torch.device) -> Optional[int]:
+    """The largest cache the system reports for ``device`` (CPU: cpu0's caches in /sys;
+    CUDA: the L2), or None when it reports none."""
+    if device.type == "cuda":
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        return int(size) or None
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
+
+
+def default_flush_bytes(device: torch.device) -> int:
+    """``DEFAULT_FLUSH_MIB``, or ``FLUSH_CACHE_FACTOR`` times the largest cache if that is more."""
+    cache = largest_cache_bytes(device) or 0
+    return max(DEFAULT_FLUSH_MIB * 2**20, FLUSH_CACHE_FACTOR * cache)
+
+
+def _setup_flush(nbytes: int, device: torch.device) -> Callable[[], Any]:
+    """A call that reads and writes ``nbytes`` of memory (in place, on ``device``), which
+    evicts whatever an earlier call left in cache, as forward and backward do in training.
+
+    Reads and writes, not writes alone: a large write-only fill can use non-temporal stores
+    that bypass the cache and would leave it as it was."""
+    buffer = torch.ones(max(nbytes // 4, 1), device=device, dtype=torch.float32)  # float32: 4 bytes
+
+    def flush() -> None:
+        buffer.neg_()
+
+    flush()
+    return flush
+
+
 def _roofline(add_ms: list[float], total: int, itemsize: int) -> dict[str, Any]:
     """Bandwidth of the in-place add (3 values per element) and the step time it implies."""
     median = statistics.median(add_ms)
@@ -275,6 +355,7 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "fused_cpu_kernel": kernel is not None,
         "fused_cpu_kernel_openmp": kernel is not None and kernel.has_openmp(),
+        "largest_cache_bytes": largest_cache_bytes(device),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -300,10 +381,18 @@ def run_cases(
     warmup: int,
     repeats: Optional[int],
     quick: bool,
+    cache: str = "warm",
+    flush_bytes: Optional[int] = None,
 ) -> list[dict[str, Any]]:
-    """Measure every path and the roofline for each case; errors are recorded, not raised."""
+    """Measure every path and the roofline for each case; errors are recorded, not raised.
+
+    ``cache`` is "warm", "cold" or "both" (see the module docstring); cold timings stream
+    ``flush_bytes`` (default: ``default_flush_bytes(device)``) before every timed call."""
     paths = tuple(paths)
+    modes = CACHE_CHOICES[cache]
     timer = _Timer(device)
+    flush_bytes = flush_bytes or default_flush_bytes(device)
+    flush = _setup_flush(flush_bytes, device) if "cold" in modes else None
     progress = _Progress(len(cases) * (len(paths) + ROUNDS))
     results = []
     for total, tensors in cases:
@@ -319,36 +408,65 @@ def run_cases(
                 rows[path]["error"] = f"{type(exc).__name__}: {exc}"
             progress.done()
         steps["add"] = _setup_add(total, device, dtype, warmup)
-        times = _interleaved(steps, reps, warmup, timer, progress, label)
+        times = _interleaved(steps, reps, warmup, timer, progress, label, modes, flush)
         del steps
-        roofline = _roofline(times.pop("add"), total, dtype.itemsize)
-        for path, samples in times.items():
-            rows[path].update(median_ms=statistics.median(samples), min_ms=min(samples), times_ms=samples)
-            rows[path]["vs_roofline"] = rows[path]["median_ms"] / roofline["roofline_ms"]
-        reference = times.get("adamw-fused")
-        if reference is not None:
-            for path in times:
-                rows[path]["vs_adamw_fused"] = rows[path]["median_ms"] / statistics.median(reference)
-        results.append(
-            {"params": total, "tensors": tensors, "repeats": reps, "roofline": roofline, "results": list(rows.values())}
-        )
+        case: dict[str, Any] = {"params": total, "tensors": tensors, "repeats": reps}
+        for mode in modes:
+            summary = _summarise(times[mode], rows, mode, total, dtype.itemsize)
+            if mode == "warm":  # the warm figures stay where they were before cold ones existed
+                case.update(summary)
+            else:
+                case["cold"] = {"flush_bytes": flush_bytes, **summary}
+        results.append(case)
     return results
 
 
+def _summarise(
+    times: dict[str, list[float]], rows: dict[str, dict[str, Any]], mode: str, total: int, itemsize: int
+) -> dict[str, Any]:
+    """The roofline and one row per path (median, min, ratios) from one cache mode's timings."""
+    times = dict(times)
+    roofline = _roofline(times.pop("add"), total, itemsize)
+    out = {path: {**row, "cache": mode} for path, row in rows.items()}
+    for path, samples in times.items():
+        out[path].update(median_ms=statistics.median(samples), min_ms=min(samples), times_ms=samples)
+        out[path]["vs_roofline"] = out[path]["median_ms"] / roofline["roofline_ms"]
+    reference = times.get("adamw-fused")
+    if reference is not None:
+        for path in times:
+            out[path]["vs_adamw_fused"] = out[path]["median_ms"] / statistics.median(reference)
+    return {"roofline": roofline, "results": list(out.values())}
+
+
 def _interleaved(
-    steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, timer: _Timer, progress: _Progress, label: str
-) -> dict[str, list[float]]:
-    """``repeats`` timings of each callable, taken in ``ROUNDS`` interleaved rounds, each
-    callable's share of a round after a warm-up (``_warm_up``)."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    steps: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    timer: _Timer,
+    progress: _Progress,
+    label: str,
+    modes: tuple[str, ...] = ("warm",),
+    flush: Optional[Callable[[], Any]] = None,
+) -> dict[str, dict[str, list[float]]]:
+    """``repeats`` timings of each callable per cache mode (``times[mode][name]``), taken in
+    ``ROUNDS`` interleaved rounds. In each round a callable gets its warm share after a
+    warm-up (``_warm_up``), then its cold share, each cold call after an untimed ``flush``."""
+    times: dict[str, dict[str, list[float]]] = {mode: {name: [] for name in steps} for mode in modes}
     for r in range(ROUNDS):
         progress.start(f"{label} round {r + 1}/{ROUNDS}")
         share = repeats * (r + 1) // ROUNDS - repeats * r // ROUNDS
         for name, step in steps.items():
             if share == 0:
                 continue
-            _warm_up(step, warmup, timer)
-            times[name].extend(timer(step) for _ in range(share))
+            if "warm" in modes:
+                _warm_up(step, warmup, timer)
+                times["warm"][name].extend(timer(step) for _ in range(share))
+            if "cold" in modes:
+                assert flush is not None
+                for _ in range(share):
+                    flush()
+                    timer.sync()  # on a GPU, the flush must be done before the step's kernels start
+                    times["cold"][name].append(timer(step))
         progress.done()
     return times
 
@@ -373,30 +491,57 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
+def case_modes(case: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``[(cache mode, {"roofline": ..., "results": ...}), ...]`` for one case of the JSON."""
+    modes = []
+    if "results" in case:
+        modes.append(("warm", case))
+    if "cold" in case:
+        modes.append(("cold", case["cold"]))
+    return modes
+
+
 def format_table(cases: list[dict[str, Any]]) -> str:
-    """The human-readable summary printed after a run."""
+    """The human-readable summary printed after a run: per case, one line per roofline and
+    one row per path and cache mode; each row's ratios are to the same mode's figures."""
     lines = []
-    header = f"{'case':<14}{'path':<16}{'median ms':>11}{'min ms':>10}{'x roofline':>12}{'x AdamW fused':>15}"
+    header = (
+        f"{'case':<14}{'cache':<7}{'path':<16}{'median ms':>11}{'min ms':>10}{'x roofline':>12}{'x AdamW fused':>15}"
+    )
     for case in cases:
-        roof = case["roofline"]
         label = f"{_fmt(case['params'])}/{case['tensors']}"
-        lines.append(
-            f"{label}: roofline {roof['roofline_ms']:.3f} ms ({roof['bytes_per_element']} B/element at "
-            f"{roof['bandwidth_gb_s']:.1f} GB/s, in-place add {roof['add_ms']:.3f} ms), "
-            f"median of {case['repeats']} steps"
-        )
-        lines.append(header)
-        for row in case["results"]:
-            if "error" in row:
-                lines.append(f"{label:<14}{row['path']:<16}  failed: {row['error']}")
-                continue
-            vs_adamw = f"{row['vs_adamw_fused']:.2f}" if "vs_adamw_fused" in row else "-"
-            lines.append(
-                f"{label:<14}{row['path']:<16}{row['median_ms']:>11.3f}{row['min_ms']:>10.3f}"
-                f"{row['vs_roofline']:>12.2f}{vs_adamw:>15}"
+        modes = case_modes(case)
+        bytes_per_element = modes[0][1]["roofline"]["bytes_per_element"]
+        lines.append(f"{label}: {bytes_per_element} B/element, median of {case['repeats']} steps")
+        for mode, part in modes:
+            roof = part["roofline"]
+            how = (
+                "data left in cache by the previous step"
+                if mode == "warm"
+                else f"{_fmt_bytes(part['flush_bytes'])} streamed, untimed, before every timed call"
             )
+            lines.append(
+                f"  {mode} roofline {roof['roofline_ms']:.3f} ms (in-place add {roof['add_ms']:.3f} ms, "
+                f"{roof['bandwidth_gb_s']:.1f} GB/s; {how})"
+            )
+        lines.append(header)
+        for mode, part in modes:
+            for row in part["results"]:
+                start = f"{label:<14}{mode:<7}{row['path']:<16}"
+                if "error" in row:
+                    lines.append(f"{start}  failed: {row['error']}")
+                    continue
+                vs_adamw = f"{row['vs_adamw_fused']:.2f}" if "vs_adamw_fused" in row else "-"
+                lines.append(
+                    f"{start}{row['median_ms']:>11.3f}{row['min_ms']:>10.3f}{row['vs_roofline']:>12.2f}{vs_adamw:>15}"
+                )
         lines.append("")
     return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    """100663296 -> "96 MiB", 1000000 -> "0.9537 MiB"."""
+    return f"{n / 2**20:.4g} MiB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -409,12 +554,15 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     dtype = DTYPES[args.dtype]
-    results = run_cases(cases, args.paths, device, dtype, args.warmup, args.repeats, args.quick)
-    report = {
-        "machine": _machine(device),
-        "config": {"device": str(device), "dtype": args.dtype, "warmup": args.warmup, "quick": args.quick},
-        "cases": results,
-    }
+    flush_bytes = args.flush_mib * 2**20 if args.flush_mib is not None else default_flush_bytes(device)
+    results = run_cases(
+        cases, args.paths, device, dtype, args.warmup, args.repeats, args.quick, args.cache, flush_bytes
+    )
+    config = {"device": str(device), "dtype": args.dtype, "warmup": args.warmup, "quick": args.quick,
+              "cache": args.cache}
+    if args.cache != "warm":
+        config["flush_bytes"] = flush_bytes
+    report = {"machine": _machine(device), "config": config, "cases": results}
     print(format_table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
