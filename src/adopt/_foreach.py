@@ -5,17 +5,45 @@ first step (``v = g * g``) and tensors taking a real update, and the clip thresh
 per tensor, so a parameter that joins late or skips steps is updated exactly as the
 single-tensor path would update it. With ``capturable=True`` the split is arithmetic on
 per-tensor 0-d masks instead, with no host synchronisation.
+
+Memory: the rule needs a few list-sized temporaries at once (``sqrt(v)`` and ``g / sqrt(v)``,
+the L2-decayed gradients, the capturable path's selections). Each group is therefore run in
+chunks of a bounded element count, a large contiguous tensor being cut into flat slices, so
+that all temporaries alive at once stay within the group's own size, as for
+``torch.optim.AdamW(foreach=True)``; a group below :data:`_MIN_CHUNK` elements is one chunk.
+``maximize`` negates the normalised gradient in place (``(-g) / d == -(g / d)`` and
+``g * g == (-g) * (-g)`` exactly) instead of copying the gradients.
+
+Every result is bit-identical to the single-tensor path, in float16 and bfloat16 too: on the
+CPU, in-place ``torch._foreach_mul_`` with a Python scalar (or a scalar list) rounds the
+scalar to the tensors' dtype before multiplying, where ``Tensor.mul_`` keeps it in float32,
+so for those dtypes the factor is passed as a 0-d float64 tensor, which is kept wide. The
+other foreach ops used here (out-of-place ``_foreach_mul``, ``lerp_`` with a scalar weight,
+``addcmul_`` with a value, ``add_``/``add`` with alpha, the clamps) round like their
+single-tensor counterparts.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union, cast
+from typing import Optional, Sequence, TypeVar, Union, cast
 
 import torch
 from torch import Tensor
 
 from ._grouping import group_tensors
 from .schedules import ClipSchedule, device_thresholds, host_thresholds
+
+# A group (or its first-step part) up to this many elements runs as one chunk: below it the
+# fixed cost of more foreach calls outweighs the memory saved (at most a few MiB).
+_MIN_CHUNK = 1 << 18
+
+# Only these are cut into flat slices; a tensor subclass (DTensor) is kept whole.
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+# Dtypes whose in-place foreach scalar multiply rounds the scalar on the CPU (see above).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+_T = TypeVar("_T")
 
 
 def foreach_adopt(
@@ -63,21 +91,17 @@ def foreach_adopt(
             host_steps.append(counts)
             clips.append(None if clip_lambda is None else host_thresholds(clip_lambda, counts))
 
+    l2 = weight_decay if weight_decay != 0 and not decouple else 0.0
+    decoupled_wd = weight_decay if decouple else 0.0
     for group, counts, clip in zip(groups, host_steps, clips):
-        dev_grads = group.grads
-        if maximize:
-            dev_grads = list(torch._foreach_neg(dev_grads))
-        if weight_decay != 0 and not decouple:
-            dev_grads = list(torch._foreach_add(dev_grads, group.params, alpha=weight_decay))
-        decoupled_wd = weight_decay if decouple else 0.0
         if capturable:
-            _capturable_group(group.params, dev_grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
-                              cast(Optional[Tensor], clip), beta1=beta1, beta2=beta2, lr=lr,
-                              weight_decay=decoupled_wd, eps=eps)
+            _capturable_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
+                              cast(Optional[Tensor], clip), beta1=beta1, beta2=beta2, lr=lr, l2=l2,
+                              weight_decay=decoupled_wd, eps=eps, maximize=maximize)
         else:
-            _host_group(group.params, dev_grads, group.exp_avgs, group.exp_avg_sqs, counts,
+            _host_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, counts,
                         cast(Optional[list[float]], clip), beta1=beta1, beta2=beta2, lr=cast(float, lr),
-                        weight_decay=decoupled_wd, eps=eps)
+                        l2=l2, weight_decay=decoupled_wd, eps=eps, maximize=maximize)
         if group.steps[0].is_cpu:
             # One wrapped scalar instead of re-wrapping 1 for every tensor on the slow CPU path.
             torch._foreach_add_(group.steps, torch.tensor(1.0), alpha=1.0)
@@ -96,16 +120,23 @@ def _host_group(
     beta1: float,
     beta2: float,
     lr: float,
+    l2: float,
     weight_decay: float,
     eps: float,
+    maximize: bool,
 ) -> None:
-    """The rule with the first-step/update split done on the host; ``weight_decay`` is decoupled."""
+    """The rule with the first-step/update split done on the host; ``weight_decay`` is decoupled.
+
+    Temporaries alive at once, in chunk-sized lists: ``sqrt(v)`` and ``g / sqrt(v)``, plus the
+    decayed gradients with L2 decay.
+    """
     first = [i for i, s in enumerate(host_steps) if s == 0]
     if first:
-        g = [grads[i] for i in first]
-        # Per-tensor copy_: DTensor (FSDP2) has no sharding rule for aten._foreach_copy_.
-        for i, sq in zip(first, torch._foreach_mul(g, g)):
-            exp_avg_sqs[i].copy_(sq)
+        lists = [[ts[i] for i in first] for ts in (params, grads, exp_avg_sqs)]
+        for (p, g, v), _ in _chunks(lists, (1 if l2 == 0 else 2)):
+            g, _negate = _signed_grads(p, g, l2, maximize)  # the square does not need the sign
+            _copy_(v, torch._foreach_mul(g, g))
+            del g
     if len(first) == len(host_steps):
         return
     if first:
@@ -115,18 +146,25 @@ def _host_group(
         )
         clip = None if clip is None else [clip[i] for i in keep]
 
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    normed = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_clamp_min_(normed, eps)
-    normed = torch._foreach_div(grads, normed)
-    if clip is not None:
-        torch._foreach_clamp_min_(normed, [-c for c in clip])
-        torch._foreach_clamp_max_(normed, clip)
-    torch._foreach_lerp_(exp_avgs, normed, 1 - beta1)
-    torch._foreach_add_(params, exp_avgs, alpha=-lr)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], (2 if l2 == 0 else 3)):
+        g, negate = _signed_grads(p, g, l2, maximize)
+        if weight_decay != 0:
+            _scale_(p, 1 - lr * weight_decay)
+        normed = torch._foreach_sqrt(v)
+        torch._foreach_clamp_min_(normed, eps)
+        normed = torch._foreach_div(g, normed)
+        if negate:
+            torch._foreach_neg_(normed)
+        if clip is not None:
+            c = _pick(clip, idx)
+            torch._foreach_clamp_min_(normed, [-x for x in c])
+            torch._foreach_clamp_max_(normed, c)
+        torch._foreach_lerp_(m, normed, 1 - beta1)
+        del normed
+        torch._foreach_add_(p, m, alpha=-lr)
+        _scale_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        del g  # before the next chunk allocates its own
 
 
 def _capturable_group(
@@ -140,36 +178,154 @@ def _capturable_group(
     beta1: float,
     beta2: float,
     lr: Union[float, Tensor],
+    l2: float,
     weight_decay: float,
     eps: float,
+    maximize: bool,
 ) -> None:
     """Same rule with per-tensor masks in place of the host split: no sync, no branch.
 
-    ``weight_decay`` here is the decoupled decay (0 when decay is L2, already in ``grads``).
-    The bulk math runs as foreach ops; the first-step selection is a per-tensor
-    ``torch.where`` (a select, so an inf in the discarded branch never leaks).
+    ``weight_decay`` here is the decoupled decay; ``l2`` the L2 decay. The bulk math runs as
+    foreach ops; the first-step selection is a per-tensor ``torch.where`` (a select, so an inf
+    in the discarded branch never leaks). Temporaries alive at once: two chunk-sized lists
+    (``sqrt(v)`` and ``g / sqrt(v)``; later ``g * g`` and one tensor's selection), plus the
+    decayed gradients with L2 decay.
     """
     active = (torch.stack(steps) > 0).unbind()
-    if weight_decay != 0:
-        decayed = torch._foreach_mul(params, 1 - lr * weight_decay)  # type: ignore[arg-type]
-        for p, d, a in zip(params, decayed, active):
-            p.copy_(torch.where(a, d, p))
-    normed = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_clamp_min_(normed, eps)
-    normed = torch._foreach_div(grads, normed)
-    if clip is not None:
-        torch._foreach_maximum_(normed, (-clip).unbind())
-        torch._foreach_minimum_(normed, clip.unbind())
-    # At s == 0 the target is m itself, so the lerp leaves m unchanged.
-    targets = [torch.where(a, n, m) for n, m, a in zip(normed, exp_avgs, active)]
-    torch._foreach_lerp_(exp_avgs, targets, 1 - beta1)
-    update = [torch.where(a, m, 0) for m, a in zip(exp_avgs, active)]
-    if isinstance(lr, Tensor):
-        torch._foreach_sub_(params, torch._foreach_mul(update, lr))
+    clips = None if clip is None else (clip.unbind(), (-clip).unbind())
+    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], (2 if l2 == 0 else 3)):
+        a = _pick(active, idx)
+        g, negate = _signed_grads(p, g, l2, maximize)
+        if weight_decay != 0:
+            _copy_where_(p, a, torch._foreach_mul(p, 1 - lr * weight_decay), p)  # type: ignore[arg-type]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_clamp_min_(denom, eps)
+        normed = list(torch._foreach_div(g, denom))
+        del denom
+        if negate:
+            torch._foreach_neg_(normed)
+        if clips is not None:
+            torch._foreach_maximum_(normed, _pick(clips[1], idx))
+            torch._foreach_minimum_(normed, _pick(clips[0], idx))
+        # At s == 0 the target is m itself, so the lerp leaves m unchanged. Each selection
+        # replaces its normalised gradient at once: one tensor more, not a list.
+        for i, (m_i, a_i) in enumerate(zip(m, a)):
+            normed[i] = torch.where(a_i, normed[i], m_i)
+        torch._foreach_lerp_(m, normed, 1 - beta1)
+        del normed
+        update = [torch.where(a_i, m_i, 0) for m_i, a_i in zip(m, a)]
+        if isinstance(lr, Tensor):
+            torch._foreach_mul_(update, lr)
+            torch._foreach_sub_(p, update)
+        else:
+            torch._foreach_add_(p, update, alpha=-lr)
+        del update
+        # v is decayed in place: where s == 0 the selection below discards it for g * g.
+        squares = torch._foreach_mul(g, g)
+        _scale_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        _copy_where_(v, a, v, squares)
+        del squares, g  # before the next chunk allocates its own
+
+
+def _signed_grads(params: list[Tensor], grads: list[Tensor], l2: float, maximize: bool) -> tuple[list[Tensor], bool]:
+    """The gradients the rule uses, and whether the normalised gradient must still be negated.
+
+    With L2 decay this is a new list, ``(-g if maximize else g) + l2 * p`` as the single-tensor
+    path computes it; without, the gradients themselves, the sign left to the caller.
+    """
+    if l2 == 0:
+        return grads, maximize
+    if maximize:
+        decayed = list(torch._foreach_neg(grads))
+        torch._foreach_add_(decayed, params, alpha=l2)
+        return decayed, False
+    return list(torch._foreach_add(grads, params, alpha=l2)), False
+
+
+def _copy_(dst: list[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[i].copy_(src[i])``, tensor by tensor: DTensor (FSDP2) has no sharding rule for
+    ``aten._foreach_copy_``."""
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
+def _copy_where_(dst: list[Tensor], cond: list[Tensor], a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """``dst[i].copy_(torch.where(cond[i], a[i], b[i]))``, one selection alive at a time."""
+    for d, c, x, y in zip(dst, cond, a, b):
+        d.copy_(torch.where(c, x, y))
+
+
+def _scale_(tensors: list[Tensor], factor: float) -> None:
+    """``t.mul_(factor)`` for every tensor, rounded as ``Tensor.mul_`` rounds it."""
+    first = tensors[0]
+    if first.dtype in _LOW_PRECISION and first.is_cpu:
+        # The CPU's in-place foreach multiply by a Python scalar first rounds the scalar to
+        # float16/bfloat16; a 0-d tensor scalar is used at full precision, as Tensor.mul_ does.
+        torch._foreach_mul_(tensors, torch.tensor(factor, dtype=torch.float64))
     else:
-        torch._foreach_add_(params, update, alpha=-lr)
-    decayed_sq = torch._foreach_mul(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(decayed_sq, grads, grads, value=1 - beta2)
-    squares = torch._foreach_mul(grads, grads)
-    for v, d, q, a in zip(exp_avg_sqs, decayed_sq, squares, active):
-        v.copy_(torch.where(a, d, q))
+        torch._foreach_mul_(tensors, factor)
+
+
+def _pick(values: Sequence[_T], idx: Optional[list[int]]) -> list[_T]:
+    return list(values) if idx is None else [values[i] for i in idx]
+
+
+def _chunks(
+    lists: list[list[Tensor]], temporaries: int
+) -> list[tuple[list[list[Tensor]], Optional[list[int]]]]:
+    """The parallel ``lists`` in chunks whose ``temporaries`` list-sized temporaries stay within
+    the lists' own size (each chunk holds at most ``1 / temporaries`` of the elements, or
+    :data:`_MIN_CHUNK`).
+
+    Each chunk comes with, for every entry, the index of the tensor it is (a part of), for
+    per-tensor values such as thresholds and masks; ``None`` when the lists are one chunk, as
+    given. A tensor that does not fit in what is left of a chunk is cut into flat slices
+    (``t.view(-1)[a:b]``) when it is a contiguous plain tensor in every list, else it starts
+    a new chunk (alone, if it is larger than a chunk).
+    """
+    numels = [t.numel() for t in lists[0]]
+    total = sum(numels)
+    limit = max(-(-total // temporaries), _MIN_CHUNK)
+    if total <= limit:
+        return [(lists, None)]
+    chunks: list[tuple[list[list[Tensor]], Optional[list[int]]]] = []
+    cur: list[list[Tensor]] = [[] for _ in lists]
+    cur_idx: list[int] = []
+    room = limit
+
+    def flush() -> None:
+        nonlocal cur, cur_idx, room
+        if cur_idx:
+            chunks.append((cur, cur_idx))
+        cur, cur_idx, room = [[] for _ in lists], [], limit
+
+    for i, n in enumerate(numels):
+        if n <= room:
+            for out, ts in zip(cur, lists):
+                out.append(ts[i])
+            cur_idx.append(i)
+            room -= n
+            continue
+        if not all(type(ts[i]) in _PLAIN and ts[i].is_contiguous() for ts in lists):
+            flush()
+            for out, ts in zip(cur, lists):
+                out.append(ts[i])
+            cur_idx.append(i)
+            room -= n
+            if room <= 0:
+                flush()
+            continue
+        flat = [ts[i].view(-1) for ts in lists]
+        start = 0
+        while start < n:
+            stop = min(n, start + room)
+            for out, f in zip(cur, flat):
+                out.append(f[start:stop])
+            cur_idx.append(i)
+            room -= stop - start
+            start = stop
+            if room == 0:
+                flush()
+    flush()
+    return chunks
