@@ -122,10 +122,12 @@ def test_tensor_lr_schedule_does_not_recompile() -> None:
 
 @pytest.mark.parametrize("path", ["single-capturable", "foreach-capturable"])
 def test_step_body_compiles_with_fullgraph(path: str) -> None:
-    """ADOPT.step without torch's no_grad wrapper (and its deliberate breaks): one full graph."""
+    """The step's general body without torch's no_grad wrapper (and its deliberate breaks):
+    one full graph."""
     kw = {**HP, **usable_paths()[path]}
     model, opt = _setup(**kw)
-    body = torch.compile(functools.partial(inspect.unwrap(ADOPT.step), opt), fullgraph=True, backend="eager")
+    general = inspect.unwrap(ADOPT._general_step)
+    body = torch.compile(functools.partial(general, opt, None, tried_fused=False), fullgraph=True, backend="eager")
 
     def step() -> None:
         with torch.no_grad():

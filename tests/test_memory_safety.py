@@ -355,3 +355,58 @@ def test_check_lists_confirms_matching_lists_on_the_meta_device() -> None:
     assert kernel.check_lists(*lists) == -1
     lists[3][0] = torch.empty(4, 3).t()  # strided, same shape: fine for the general path
     assert kernel.check_lists(*lists) == -1
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd sees every path's in-place update
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", path_params())
+def test_step_bumps_parameter_versions(path: str) -> None:
+    """A parameter saved for backward and then stepped makes backward raise on every path,
+    as after any in-place torch op: the C kernel bumps the version counters it writes past."""
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = ADOPT([p], **PATHS[path])
+    p.grad = torch.randn(8)
+    opt.step()  # the first step only initialises v (and takes the general path)
+    for _ in range(2):  # later ones update p (through the one-call path where it exists)
+        p.grad = torch.randn(8)
+        before = p._version
+        opt.step()
+        assert p._version > before
+    w = torch.randn(8, requires_grad=True)
+    loss = (p * w).sum()  # saves p
+    p.grad = torch.randn(8)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@needs_kernel
+def test_functional_fused_bumps_parameter_versions() -> None:
+    from adopt.functional import adopt
+
+    p, g = torch.randn(8), torch.randn(8)
+    m, v, step = torch.zeros(8), torch.ones(8), torch.tensor(1.0)
+    before, original = p._version, p.clone()
+    adopt([p], [g], [m], [v], [step], fused=True, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0,
+          decouple=False, maximize=False, clip_lambda=None)
+    assert p._version > before and not torch.equal(p, original)
+
+
+@needs_kernel
+def test_one_call_step_leaves_grad_mode_and_runs_hooks() -> None:
+    """The one-call step skips torch's grad-mode switch (it needs none) but not the hooks."""
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    opt = ADOPT([p], fused=True)
+    opt.step()
+    seen: list[tuple[str, bool]] = []
+    opt.register_step_pre_hook(lambda *_: seen.append(("pre", torch.is_grad_enabled())))
+    opt.register_step_post_hook(lambda *_: seen.append(("post", torch.is_grad_enabled())))
+    before = p.detach().clone()
+    assert opt.step() is None
+    assert not torch.equal(p.detach(), before)
+    assert seen == [("pre", True), ("post", True)]
+    assert opt.step(lambda: 2.5) == 2.5  # with a closure: the general step, which may take the C call too

@@ -271,17 +271,30 @@ class ADOPT(Optimizer):
             raise
         return prepared
 
-    @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """Perform one optimization step; returns the closure's loss if a closure is given."""
+        # The common CPU case is one C call. It switches no grad mode (the kernel writes
+        # through data pointers, outside autograd, and bumps the parameters' version counters
+        # itself) and has no CUDA graph to check, so it skips what the general step sets up.
+        if closure is None and self._fused_cpu_step():
+            return None
+        return self._general_step(closure, tried_fused=closure is None)
+
+    def _fused_cpu_step(self) -> bool:
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        return fused_cpu_step(self.param_groups, self.state, self.clip_lambda, grad_scale, found_inf)
+
+    @_use_grad_for_differentiable
+    def _general_step(self, closure: Optional[Callable[[], float]], *, tried_fused: bool) -> Optional[float]:
+        """``step()`` as ``torch.optim.Adam`` runs it: grad mode off (unless differentiable)."""
         _graph_capture_health_check(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not tried_fused and self._fused_cpu_step():
+            return loss
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if fused_cpu_step(self.param_groups, self.state, self.clip_lambda, grad_scale, found_inf):
-            return loss  # the common CPU case, done in one C call; otherwise the general path:
         for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps), has_complex in self._prepare():
             beta1, beta2 = group["betas"]
             adopt(

@@ -68,6 +68,20 @@ static PyTypeObject *tensor_base_type;
 static PyObject *disabled_dispatch, *str_torch_dispatch, *attr_grad;
 /* The keys of a parameter's state dict. */
 static PyObject *str_exp_avg, *str_exp_avg_sq, *str_step;
+/* torch._C._increment_version: the kernel writes parameters through their data pointers,
+ * which autograd does not see, so each call bumps their version counters as an in-place
+ * torch op would (a backward through a graph that saved a parameter before the step then
+ * raises instead of using the new values). */
+static PyObject *increment_version;
+
+/* Bumps the version counter of every tensor in the tuple `tensors`. 0, or -1 with an
+ * exception. Runs in phase 1 (torch's function runs no Python code, but allocates). */
+static int bump_versions(PyObject *tensors) {
+    PyObject *r = PyObject_CallOneArg(increment_version, tensors);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
 
 /* ---- torch's C shim ------------------------------------------------------------------ */
 
@@ -377,6 +391,76 @@ static int shim_agrees(PyObject *x, int k) {
            m.data == data && shim_offset == offset && shim_nbytes == nbytes;
 }
 
+/* ---- prefetching tensor metadata ---------------------------------------------------------- */
+
+/* When a step runs after a forward and backward pass, the tensors' Python objects and
+ * TensorImpls are no longer in cache, and reading them one after the other costs a memory
+ * latency per object. Prefetching them all first, one level at a time (the objects, then the
+ * TensorImpls they point to), overlaps those misses. Hints only: nothing depends on them. */
+#if defined(__GNUC__)
+#define PREFETCH(addr) __builtin_prefetch((addr), 0, 3)
+#else
+#define PREFETCH(addr) ((void)0)
+#endif
+
+/* Bytes of a TensorImpl worth prefetching: its header, sizes and strides. */
+#define IMPL_PREFETCH_BYTES 256
+/* Where a TensorImpl keeps its StorageImpl*, in pointer-sized words from its start (found at
+ * import among the first STORAGE_SLOT_SEARCH; -1: not found, the storage is not prefetched). */
+#define STORAGE_SLOT_SEARCH 16
+static int storage_slot = -1;
+
+static const char *impl_of(PyObject *x) {
+    return *(const char *const *)((const char *)x + sizeof(PyObject));
+}
+
+static void prefetch_tensors(PyObject *const *objs, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) PREFETCH(objs[i]);
+    if (access_mode != ACCESS_INLINE) return;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyObject_TypeCheck(objs[i], tensor_base_type)) continue;
+        const char *impl = impl_of(objs[i]);
+        if (impl == NULL) continue;
+        for (int off = 0; off < IMPL_PREFETCH_BYTES; off += 64) PREFETCH(impl + off);
+    }
+    if (storage_slot < 0) return;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *impl = PyObject_TypeCheck(objs[i], tensor_base_type) ? impl_of(objs[i]) : NULL;
+        if (impl == NULL) continue;
+        const char *storage = ((const char *const *)impl)[storage_slot];
+        PREFETCH(storage);
+        PREFETCH(storage + 64);
+    }
+}
+
+/* The word of a TensorImpl that holds x's StorageImpl* (what x.untyped_storage()._cdata
+ * reports), or -1 when none of the first STORAGE_SLOT_SEARCH words does. */
+static int storage_slot_of(PyObject *x) {
+    PyObject *storage = PyObject_CallMethod(x, "untyped_storage", NULL);
+    PyObject *cdata = storage == NULL ? NULL : PyObject_GetAttrString(storage, "_cdata");
+    void *ptr = cdata == NULL ? NULL : PyLong_AsVoidPtr(cdata);
+    Py_XDECREF(cdata);
+    Py_XDECREF(storage);
+    PyErr_Clear();
+    if (ptr == NULL) return -1;
+    const void *const *words = (const void *const *)impl_of(x);
+    for (int w = 1; w < STORAGE_SLOT_SEARCH; w++)
+        if (words[w] == ptr) return w;
+    return -1;
+}
+
+/* Sets storage_slot when every sample (the import's (tensor, dtype index) pairs) agrees. */
+static void find_storage_slot(PyObject *samples) {
+    if (access_mode != ACCESS_INLINE) return;
+    int slot = -1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(samples); i++) {
+        const int s = storage_slot_of(PyTuple_GET_ITEM(PyList_GET_ITEM(samples, i), 0));
+        if (s < 0 || (slot >= 0 && s != slot)) return;
+        slot = s;
+    }
+    storage_slot = slot;
+}
+
 /*
  * Chooses access_mode: the first one under which the shim agrees with Python on sample
  * tensors (plain, a Parameter, transposed, offset views, each kernel dtype). ImportError when
@@ -433,6 +517,8 @@ static int choose_access(PyObject *torch) {
         if (agree < 0) rc = -1;
         else if (agree) chosen = mode;
     }
+    access_mode = chosen;
+    if (chosen >= 0) find_storage_slot(samples);
     Py_DECREF(samples);
     if (rc < 0) return -1;
     if (chosen < 0) {
@@ -642,6 +728,7 @@ static int check_overlaps(table_t *t) {
  */
 static int validate(PyObject **items[N_LISTS], Py_ssize_t n, table_t *t) {
     if (table_alloc(t, n) < 0) return -1;
+    for (int l = 0; l < N_LISTS; l++) prefetch_tensors(items[l], n);
     for (Py_ssize_t i = 0; i < n; i++) {
         const int status = check_param(items, i, t);
         if (status != STATUS_DONE) return status;
@@ -777,7 +864,7 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int num_threads, dry_run;
     /* Phase 1: everything that can run Python code. */
     if (hyper_args(args + 8, &h) || int_arg(args, 17, &num_threads) || bool_arg(args, 18, &dry_run) ||
-        snapshot_lists(args, lists, items, &n) < 0)
+        snapshot_lists(args, lists, items, &n) < 0 || (!dry_run && n > 0 && bump_versions(lists[0]) < 0))
         goto done;
     if (n == 0) {
         result = PyLong_FromLong(STATUS_DONE);
@@ -873,6 +960,7 @@ static int gather(PyObject *params, PyObject *state, Py_ssize_t *pos, group_t *g
         PyErr_NoMemory();
         return -1;
     }
+    prefetch_tensors(&PyTuple_GET_ITEM(snapshot, 0), g->cap); /* .grad reads each TensorImpl */
     int status = STATUS_DONE;
     for (Py_ssize_t i = 0; i < g->cap && status == STATUS_DONE; i++) {
         PyObject *p = PyTuple_GET_ITEM(snapshot, i);
@@ -935,6 +1023,21 @@ static int validate_group(group_t *g) {
     return status == STATUS_DONE || status < 0 ? status : STATUS_DECLINED;
 }
 
+/* bump_versions() for the params of every group. STATUS_DONE or -1. */
+static int bump_group_params(const group_t *groups, Py_ssize_t n_groups) {
+    Py_ssize_t total = 0;
+    for (Py_ssize_t k = 0; k < n_groups; k++) total += groups[k].n;
+    if (total == 0) return STATUS_DONE;
+    PyObject *params = PyTuple_New(total);
+    if (params == NULL) return -1;
+    Py_ssize_t at = 0;
+    for (Py_ssize_t k = 0; k < n_groups; k++)
+        for (Py_ssize_t i = 0; i < groups[k].n; i++) PyTuple_SET_ITEM(params, at++, Py_NewRef(groups[k].objs[i]));
+    const int rc = bump_versions(params);
+    Py_DECREF(params);
+    return rc < 0 ? -1 : STATUS_DONE;
+}
+
 static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 5)
@@ -953,6 +1056,7 @@ static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_
     Py_ssize_t pos = 0;
     for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++)
         status = gather_group(PyTuple_GET_ITEM(specs, k), state, &pos, &groups[k]);
+    if (status == STATUS_DONE) status = bump_group_params(groups, n_groups);
     /* Phase 2: no Python code runs from here until the last kernel has returned. Every group
      * is validated before any runs. */
     for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++) status = validate_group(&groups[k]);
@@ -1000,6 +1104,7 @@ static PyObject *py_check_lists(PyObject *self, PyObject *const *args, Py_ssize_
         for (int l = 0; l < N_LISTS; l++) Py_XDECREF(lists[l]);
         return NULL;
     }
+    for (int l = 0; l < N_LISTS; l++) prefetch_tensors(items[l], n);
     for (Py_ssize_t i = 0; i < n && first < 0; i++) {
         meta_t p, m;
         int ok = read_meta(items[0][i], 0, &p) == 0 && p.in_bounds;
@@ -1081,8 +1186,9 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
     PyObject *c = PyObject_GetAttrString(torch, "_C");
     PyObject *base = c == NULL ? NULL : PyObject_GetAttrString(c, "TensorBase");
     disabled_dispatch = c == NULL ? NULL : PyObject_GetAttrString(c, "_disabled_torch_dispatch_impl");
+    increment_version = c == NULL ? NULL : PyObject_GetAttrString(c, "_increment_version");
     Py_XDECREF(c);
-    int ok = base != NULL && disabled_dispatch != NULL && PyType_Check(base) &&
+    int ok = base != NULL && disabled_dispatch != NULL && increment_version != NULL && PyType_Check(base) &&
              (str_torch_dispatch = PyUnicode_InternFromString("__torch_dispatch__")) != NULL &&
              (attr_grad = PyObject_GetAttrString(base, "grad")) != NULL &&
              (attr_cdata = PyObject_GetAttrString(base, "_cdata")) != NULL &&
