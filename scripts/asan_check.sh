@@ -73,6 +73,11 @@ command -v "$python" >/dev/null || die "python not found: $python"
 libasan="$($cc -print-file-name=libasan.so)"
 [[ "$libasan" == /* && -e "$libasan" ]] || die "$cc has no libasan.so (got '$libasan'); install its sanitizer runtime (Debian: libasan8)"
 libasan="$(readlink -f "$libasan")"
+# libstdc++ is preloaded after libasan: python itself is C, so without it ASan's __cxa_throw
+# interceptor finds no real function and aborts at the first C++ exception torch throws (a
+# RuntimeError from autograd, say) instead of letting it become a Python exception.
+libstdcxx="$(readlink -f "$($cc -print-file-name=libstdc++.so)")"
+[[ -e "$libstdcxx" ]] || die "$cc has no libstdc++.so (got '$libstdcxx')"
 
 work="$(mktemp -d "${ADOPT_ASAN_TMP:-${TMPDIR:-/tmp}}/adopt-asan.XXXXXX")"
 copy="$work/repo"
@@ -182,7 +187,7 @@ def pytest_report_header(config):
     return [f"asan_check: sanitized kernel {_loaded[0]}"]
 EOF
 
-export LD_PRELOAD="$libasan${LD_PRELOAD:+:$LD_PRELOAD}"
+export LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:print_summary=1:log_path=$reports/asan${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:print_summary=1:log_path=$reports/ubsan${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 export PYTHONPATH="$copy/src:$plugin_dir"
@@ -201,7 +206,7 @@ loaded_so="$(sed -n 1p <<<"$loaded")"
 [[ "$(realpath "$loaded_so")" == "$(realpath "$so")" ]] || die "python imported $loaded_so, not the sanitized $so"
 [[ "$(sed -n 2p <<<"$loaded")" == "libasan-mapped" ]] || die "libasan is not loaded in python"
 echo "asan_check: sanitized kernel: $loaded_so"
-echo "asan_check: runtime: LD_PRELOAD=$libasan"
+echo "asan_check: runtime: LD_PRELOAD=$libasan:$libstdcxx"
 
 # ---- 4. the tests ---------------------------------------------------------------------
 tests=(tests/test_fused_cpu.py tests/test_fused_cpu_step.py)
