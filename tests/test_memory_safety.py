@@ -410,3 +410,66 @@ def test_one_call_step_leaves_grad_mode_and_runs_hooks() -> None:
     assert not torch.equal(p.detach(), before)
     assert seen == [("pre", True), ("post", True)]
     assert opt.step(lambda: 2.5) == 2.5  # with a closure: the general step, which may take the C call too
+
+
+# --------------------------------------------------------------------------------------------
+# Lazily negated views
+# --------------------------------------------------------------------------------------------
+
+# x.conj().imag of a complex x is a real tensor whose memory holds -x.imag (is_neg() True).
+_NEG_VIEW_RUN = """
+import json, sys, torch
+from adopt import ADOPT
+
+def neg_view(t):
+    z = torch.complex(torch.zeros_like(t), -t)  # imag = -t, so conj().imag reads +t
+    view = z.conj().imag
+    assert view.is_neg() and torch.equal(view, t)
+    return view
+
+def run(kwargs, where):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((3, 4), (7,))]
+    opt = ADOPT(params, **kwargs)
+    for step in range(5):
+        for i, p in enumerate(params):
+            g = torch.randn_like(p)
+            p.grad = neg_view(g) if where == "grad" and i == 0 else g
+        if step == 2 and where == "exp_avg":
+            opt.state[params[0]]["exp_avg"] = neg_view(opt.state[params[0]]["exp_avg"].clone())
+        if step == 2 and where == "param":
+            params[0].data = neg_view(params[0].data.clone())
+        opt.step()
+    return [p.detach().tolist() for p in params] + [opt.state[p]["exp_avg"].tolist() for p in params]
+
+import adopt._kernels._adopt_cpu as kernel
+where = sys.argv[1]
+out = {"detection": kernel.neg_view_detection(), "access": kernel.tensor_access(),
+       "fused": run(dict(fused=True), where), "single": run(dict(foreach=False), where)}
+print(json.dumps(out))
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("access", ["inline", "cdata"])
+@pytest.mark.parametrize("where", ["grad", "exp_avg", "param"])
+def test_negated_views_are_read_as_their_values(access: str, where: str) -> None:
+    """A grad, state tensor or param that is a negated view gets the same update on the
+    fused path as on the single-tensor one (torch's foreach ops refuse negated views in place),
+    both where the flag is read from the TensorImpl ('bit') and where
+    Tensor.is_neg() is asked ('is_neg', the _cdata route)."""
+    import json
+    import os
+
+    env = dict(os.environ)
+    env.pop("ADOPT_CPU_TENSOR_ACCESS", None)
+    if access == "cdata":
+        env["ADOPT_CPU_TENSOR_ACCESS"] = "cdata"
+    proc = subprocess.run([sys.executable, "-c", _NEG_VIEW_RUN, where], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["access"] == access
+    assert out["detection"] == ("bit" if access == "inline" else "is_neg")
+    for a, b in zip(out["fused"], out["single"]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)

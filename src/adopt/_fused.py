@@ -303,15 +303,16 @@ def _lists(group: TensorGroup) -> tuple[list[Tensor], list[Tensor], list[Tensor]
 
 
 def _contiguous_group(group: TensorGroup) -> tuple[TensorGroup, list[tuple[Tensor, Tensor]]]:
-    """The group with contiguous stand-ins for non-contiguous tensors, and the copy-backs."""
+    """The group with plain contiguous stand-ins for non-contiguous tensors and lazily negated
+    views (``is_neg()``, whose memory holds the negation of their values), and the copy-backs."""
     lists = [list(group.params), list(group.grads), list(group.exp_avgs), list(group.exp_avg_sqs)]
     write_back: list[tuple[Tensor, Tensor]] = []
     for i in range(len(group.params)):
-        if all(ts[i].is_contiguous() for ts in lists):
+        if all(ts[i].is_contiguous() and not ts[i].is_neg() for ts in lists):
             continue
         for k, ts in enumerate(lists):
             original = ts[i]
-            ts[i] = original.contiguous()
+            ts[i] = original.resolve_neg().contiguous()
             if k != 1 and ts[i] is not original:  # grads are only read
                 write_back.append((original, ts[i]))
     return TensorGroup(lists[0], lists[1], lists[2], lists[3], group.steps), write_back

@@ -83,6 +83,11 @@ static int bump_versions(PyObject *tensors) {
     return 0;
 }
 
+/* Negated-view detection, set at import (see find_neg_bit): the TensorImpl word and bit. */
+static int neg_word = -1;
+static uint64_t neg_mask;
+static const char *impl_of(PyObject *x);
+
 /* ---- torch's C shim ------------------------------------------------------------------ */
 
 typedef int32_t shim_rc; /* AOTITorchError: 0 is success */
@@ -211,7 +216,9 @@ static int read_meta(PyObject *x, int with_data, meta_t *m) {
     m->sizes = sizes;
     m->numel = 1;
     for (int64_t d = 0; d < m->dim; d++) m->numel *= sizes[d];
-    m->contiguous = dense(sizes, strides, m->dim);
+    /* A negated view needs a resolved stand-in, like a strided one (see is_neg_view). */
+    m->contiguous = dense(sizes, strides, m->dim) &&
+                    !(neg_word >= 0 && (((const uint64_t *)impl_of(x))[neg_word] & neg_mask) != 0);
     const int64_t itemsize = itemsize_of(m->dtype);
     m->in_bounds = m->numel == 0 || (itemsize > 0 && view_fits(nbytes / itemsize, offset, sizes, strides, m->dim));
     m->data = NULL;
@@ -462,6 +469,80 @@ static void find_storage_slot(PyObject *samples) {
 }
 
 /*
+ * Lazily negated views (Tensor.is_neg(): x.conj().imag of a complex x, torch._neg_view) hold
+ * -x as x's bits, and the kernel would read them raw. The shim cannot report the flag, so it
+ * is found at import as the one bit of a TensorImpl word (among the first NEG_WORD_SEARCH)
+ * that is set in every negated sample and clear in every plain one; it lives in the tensor's
+ * dispatch key set. When no bit qualifies, Tensor.is_neg() is called instead (slower).
+ */
+#define NEG_WORD_SEARCH 24
+static PyObject *str_is_neg;
+
+/* 1 when x (a TensorBase instance) is a negated view, 0 when not, -1 with an exception. Runs
+ * Python code (a __torch_function__ override of is_neg) only where the bit was not found. */
+static int is_neg_view(PyObject *x) {
+    if (neg_word >= 0) return (((const uint64_t *)impl_of(x))[neg_word] & neg_mask) != 0;
+    PyObject *r = PyObject_CallMethodNoArgs(x, str_is_neg);
+    if (r == NULL) return -1;
+    const int neg = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return neg;
+}
+
+/* Where the bit is unknown: whether any tensor among objs[0..n) is a negated view (phase 1).
+ * 1, 0, or -1 with an exception. */
+static int any_neg_view_slow(PyObject *const *objs, Py_ssize_t n) {
+    if (neg_word >= 0) return 0; /* read_meta sees the bit itself */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyObject_TypeCheck(objs[i], tensor_base_type)) continue;
+        const int neg = is_neg_view(objs[i]);
+        if (neg != 0) return neg;
+    }
+    return 0;
+}
+
+/* Sets neg_word and neg_mask from the import's samples and their torch._neg_view: the word
+ * in which every negated view differs from its plain tensor in exactly one bit, the same bit
+ * for all, set in the view. (The views are kept alive together, so that no two share an
+ * address, which would make their pointers look alike.) */
+static void find_neg_bit(PyObject *torch, PyObject *samples) {
+    if (access_mode != ACCESS_INLINE) return;
+    PyObject *neg_view = PyObject_GetAttrString(torch, "_neg_view");
+    const Py_ssize_t n = PyList_GET_SIZE(samples);
+    PyObject *negs = neg_view == NULL ? NULL : PyList_New(0);
+    int ok = negs != NULL && n > 0;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        PyObject *neg = PyObject_CallOneArg(neg_view, PyTuple_GET_ITEM(PyList_GET_ITEM(samples, i), 0));
+        ok = neg != NULL && PyObject_TypeCheck(neg, tensor_base_type) && PyList_Append(negs, neg) == 0;
+        Py_XDECREF(neg);
+    }
+    int found = -1;
+    uint64_t mask = 0;
+    for (int w = 0; ok && w < NEG_WORD_SEARCH; w++) {
+        uint64_t bit = 0;
+        int qualifies = 1;
+        for (Py_ssize_t i = 0; qualifies && i < n; i++) {
+            const uint64_t a = ((const uint64_t *)impl_of(PyTuple_GET_ITEM(PyList_GET_ITEM(samples, i), 0)))[w];
+            const uint64_t b = ((const uint64_t *)impl_of(PyList_GET_ITEM(negs, i)))[w];
+            if (i == 0) bit = a ^ b;
+            qualifies = bit != 0 && (bit & (bit - 1)) == 0 && (a ^ b) == bit && (b & bit) != 0;
+        }
+        if (!qualifies) continue;
+        if (found >= 0) { /* two words qualify: ambiguous, use is_neg() */
+            found = -1;
+            break;
+        }
+        found = w;
+        mask = bit;
+    }
+    Py_XDECREF(negs);
+    Py_XDECREF(neg_view);
+    PyErr_Clear();
+    neg_word = found;
+    neg_mask = mask;
+}
+
+/*
  * Chooses access_mode: the first one under which the shim agrees with Python on sample
  * tensors (plain, a Parameter, transposed, offset views, each kernel dtype). ImportError when
  * none does. ADOPT_CPU_TENSOR_ACCESS=cdata forces the _cdata route (tests cover both).
@@ -518,7 +599,10 @@ static int choose_access(PyObject *torch) {
         else if (agree) chosen = mode;
     }
     access_mode = chosen;
-    if (chosen >= 0) find_storage_slot(samples);
+    if (chosen >= 0) {
+        find_storage_slot(samples);
+        find_neg_bit(torch, samples);
+    }
     Py_DECREF(samples);
     if (rc < 0) return -1;
     if (chosen < 0) {
@@ -870,6 +954,14 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         result = PyLong_FromLong(STATUS_DONE);
         goto done;
     }
+    for (int l = 0; l < N_LISTS; l++) {
+        const int neg = any_neg_view_slow(items[l], n);
+        if (neg < 0) goto done;
+        if (neg > 0) {
+            result = PyLong_FromLong(STATUS_NEEDS_CONTIGUOUS);
+            goto done;
+        }
+    }
     /* Phase 2: no Python code runs from here until the kernel has returned. */
     const int status = validate(items, n, &table);
     if (status < 0) goto done;
@@ -1056,6 +1148,11 @@ static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_
     Py_ssize_t pos = 0;
     for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++)
         status = gather_group(PyTuple_GET_ITEM(specs, k), state, &pos, &groups[k]);
+    for (Py_ssize_t k = 0; k < n_groups && status == STATUS_DONE; k++)
+        for (int l = 0; l < N_LISTS && status == STATUS_DONE; l++) {
+            const int neg = any_neg_view_slow(groups[k].objs + l * groups[k].cap, groups[k].n);
+            status = neg < 0 ? -1 : neg > 0 ? STATUS_DECLINED : STATUS_DONE;
+        }
     if (status == STATUS_DONE) status = bump_group_params(groups, n_groups);
     /* Phase 2: no Python code runs from here until the last kernel has returned. Every group
      * is validated before any runs. */
@@ -1155,6 +1252,12 @@ static PyObject *py_has_openmp(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(adopt_cpu_has_openmp());
 }
 
+static PyObject *py_neg_view_detection(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(neg_word >= 0 ? "bit" : "is_neg");
+}
+
 static PyObject *py_tensor_access(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -1167,6 +1270,8 @@ static PyMethodDef methods[] = {
     {"check_lists", (PyCFunction)(void (*)(void))py_check_lists, METH_FASTCALL, check_lists_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
+    {"neg_view_detection", py_neg_view_detection, METH_NOARGS,
+     "How negated views are recognised: 'bit' (a flag found in the TensorImpl at import) or 'is_neg'."},
     {"tensor_access", py_tensor_access, METH_NOARGS,
      "How tensor metadata is reached: 'inline' (the at::Tensor in the Python object) or 'cdata'."},
     {NULL, NULL, 0, NULL},
@@ -1194,7 +1299,8 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
              (attr_cdata = PyObject_GetAttrString(base, "_cdata")) != NULL &&
              (str_exp_avg = PyUnicode_InternFromString("exp_avg")) != NULL &&
              (str_exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq")) != NULL &&
-             (str_step = PyUnicode_InternFromString("step")) != NULL;
+             (str_step = PyUnicode_InternFromString("step")) != NULL &&
+             (str_is_neg = PyUnicode_InternFromString("is_neg")) != NULL;
     if (ok) tensor_base_type = (PyTypeObject *)Py_NewRef(base);
     Py_XDECREF(base);
     ok = ok && bind_shim(torch) == 0 && choose_access(torch) == 0;
