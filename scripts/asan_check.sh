@@ -121,7 +121,7 @@ build_log="$work/build.log"
 echo "asan_check: building with $cc $san_flags -g (log: $build_log)"
 (
     cd "$copy"
-    CC="$cc $san_flags" CFLAGS="-g" LDFLAGS="-g" \
+    CC="$cc $san_flags" CFLAGS="-g" LDFLAGS="-g" ADOPT_DEBUG=1 \
         "$python" setup.py build_ext --inplace
 ) >"$build_log" 2>&1 || { tail -n 30 "$build_log"; keep=1; die "the sanitized build failed (see $build_log)"; }
 

@@ -36,6 +36,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -473,9 +477,11 @@ static void find_storage_slot(PyObject *samples) {
  * -x as x's bits, and the kernel would read them raw. The shim cannot report the flag, so it
  * is found at import as the one bit of a TensorImpl word (among the first NEG_WORD_SEARCH)
  * that is set in every negated sample and clear in every plain one; it lives in the tensor's
- * dispatch key set. When no bit qualifies, Tensor.is_neg() is called instead (slower).
+ * dispatch key set. The search reads only words inside each sample's allocation, whose size
+ * malloc_usable_size reports (glibc, and the allocators that replace its malloc); elsewhere,
+ * or when no bit qualifies, Tensor.is_neg() is called instead (slower).
  */
-#define NEG_WORD_SEARCH 24
+#define NEG_WORD_SEARCH 32
 static PyObject *str_is_neg;
 
 /* 1 when x (a TensorBase instance) is a negated view, 0 when not, -1 with an exception. Runs
@@ -516,9 +522,20 @@ static void find_neg_bit(PyObject *torch, PyObject *samples) {
         ok = neg != NULL && PyObject_TypeCheck(neg, tensor_base_type) && PyList_Append(negs, neg) == 0;
         Py_XDECREF(neg);
     }
-    int found = -1;
+    int found = -1, words = NEG_WORD_SEARCH;
     uint64_t mask = 0;
-    for (int w = 0; ok && w < NEG_WORD_SEARCH; w++) {
+#if defined(__GLIBC__)
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        PyObject *objs[2] = {PyTuple_GET_ITEM(PyList_GET_ITEM(samples, i), 0), PyList_GET_ITEM(negs, i)};
+        for (int j = 0; j < 2; j++) {
+            const size_t usable = malloc_usable_size((void *)impl_of(objs[j])) / sizeof(uint64_t);
+            if (usable < (size_t)words) words = (int)usable;
+        }
+    }
+#else
+    ok = 0;
+#endif
+    for (int w = 0; ok && w < words; w++) {
         uint64_t bit = 0;
         int qualifies = 1;
         for (Py_ssize_t i = 0; qualifies && i < n; i++) {
