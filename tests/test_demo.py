@@ -123,10 +123,19 @@ def test_bad_arguments_give_a_clear_error_and_exit_code_2(flag: str, value: str,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_a_clear_error() -> None:
-    code, _, stderr = _run_cli(["demo", "--device", "cuda"])
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_cuda_without_cuda_is_a_clear_error(command: str) -> None:
+    """demo and bench word a missing device alike (one argument type, adopt._argtypes)."""
+    code, _, stderr = _run_cli([command, "--device", "cuda"])
     assert code == 2
-    assert "argument --device: 'cuda' requested but CUDA is not available" in stderr
+    assert "argument --device: 'cuda' requested but CUDA is not available here; use cpu" in stderr
+    assert f"usage: adopt {command}" in stderr
+
+
+def test_bench_refuses_a_device_kind_it_cannot_time() -> None:
+    code, _, stderr = _run_cli(["bench", "--device", "mps"])
+    assert code == 2
+    assert "argument --device: unsupported device 'mps'; use cpu, cuda, cuda:N" in stderr
 
 
 def test_out_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from ._argtypes import device_type
+
 PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused")
 DEFAULT_SIZES = "1M:200,50M:10"
 QUICK_SIZES = "200k:50,2M:4"
@@ -149,7 +151,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--device", default="cpu", help="where the tensors live: cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--device", type=device_type(("cpu", "cuda")), default="cpu",
+                        help="where the tensors live: cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument(
         "--threads", type=_positive_int, default=None,
         help="CPU threads for torch and the fused kernel (torch.set_num_threads; default: torch's default)",
@@ -547,9 +550,6 @@ def _fmt_bytes(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; prints the table, writes JSON, returns 0."""
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("adopt bench: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)

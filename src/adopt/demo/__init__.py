@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import device_type
+
 EXPERIMENTS = ("toy", "digits")
 # Defaults of the full run and of --quick; explicit flags override either.
 DEFAULTS = {"steps": 20_000, "epochs": 30, "seeds": 32}
@@ -62,26 +64,7 @@ def _experiments(text: str) -> tuple[str, ...]:
     return tuple(n for n in EXPERIMENTS if n in names)
 
 
-def _device(text: str) -> Any:
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r} requested but CUDA is not available here; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return device
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r} requested but MPS is not available here; use cpu")
-        return device
-    raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda, cuda:N or mps")
+_device = device_type(("cpu", "cuda", "mps"))
 
 
 def _out_dir(text: str) -> Path:
