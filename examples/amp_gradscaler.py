@@ -20,8 +20,9 @@ from adopt import ADOPT
 def main(argv: list[str] | None = None) -> tuple[float, float]:
     """Train for ``--steps``; return (first loss, mean of the last 10 losses)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

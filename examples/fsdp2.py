@@ -37,9 +37,13 @@ from adopt import ADOPT
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=50, help="training steps (default: 50)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="save a checkpoint here at the end, and resume from the newest one found (default: none)")
     args = parser.parse_args(argv)
+    if "RANK" not in os.environ:
+        parser.exit(2, "examples/fsdp2.py runs one process per rank, started by torchrun:\n"
+                       "    torchrun --nproc-per-node 2 examples/fsdp2.py\n")
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")

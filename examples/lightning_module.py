@@ -52,7 +52,7 @@ class Classifier(L.LightningModule):
 def main(argv: list[str] | None = None) -> tuple[float, float]:
     """Fit for ``--epochs``; return (mean loss of the first 5 steps, of the last 5 steps)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

@@ -21,10 +21,10 @@ from adopt import ADOPT
 def main(argv: list[str] | None = None) -> tuple[float, float]:
     """Train for ``--steps``; return (first loss, mean of the last 10 losses)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--min-lr", type=float, default=1e-5)
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (default: 20)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    parser.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay (default: 1e-5)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

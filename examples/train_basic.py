@@ -16,8 +16,8 @@ from adopt import ADOPT
 def main(argv: list[str] | None = None) -> tuple[float, float]:
     """Train for ``--epochs`` and return (first epoch's mean loss, last epoch's mean loss)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (default: 3e-3)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

@@ -49,6 +49,22 @@ def test_lr_schedule_example_warms_up_then_decays() -> None:
     assert at == 20 and start == pytest.approx(0.01 * peak) and end < 0.01 * peak
 
 
+def test_fsdp2_example_without_torchrun_says_how_to_run_it() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "fsdp2.py")], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 2
+    assert "torchrun --nproc-per-node 2 examples/fsdp2.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_option_has_a_help_text(script: str) -> None:
+    text = (EXAMPLES / script).read_text()
+    calls = re.findall(r"add_argument\((.*?)\)\n", text, re.DOTALL)
+    assert all("help=" in call for call in calls), [c for c in calls if "help=" not in c]
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -56,7 +56,10 @@ class ADOPT(Optimizer):
         capturable: no host synchronisation in ``step()``, so it can be captured in a CUDA
             graph or compiled with ``fullgraph=True`` (default: False).
         differentiable: let autograd run through ``step()`` (default: False).
-        fused: use the fused one-pass kernel (default: None).
+        fused: use the fused one-pass kernel (default: None: fused wherever its kernel is
+            available for every parameter (the C kernel on CPU, Triton on CUDA), unless
+            ``foreach`` or ``differentiable`` is set or the step is being compiled; see
+            README, "Execution paths").
 
     Example:
         >>> model = torch.nn.Linear(10, 1)
