@@ -58,6 +58,7 @@ from ._argtypes import device_type
 PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused")
 DEFAULT_SIZES = "1M:200,50M:10"
 QUICK_SIZES = "200k:50,2M:4"
+QUICK_REPEATS = 15  # enough for a median that means something, still seconds
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
 ROUNDS = 5  # interleaved timing rounds per case
@@ -83,6 +84,9 @@ other load on the machine affects them alike; the table shows the median and min
 time, "x roofline" and "x AdamW fused" (below 1.0: faster). Every path of a case stays in
 memory during its rounds: about 16 bytes per parameter per path (4 GB for 50M, 5 paths).
 The JSON file holds every timing and a description of the machine.
+A run that other load made unreliable (a median far above its min, a roofline below any
+plausible bandwidth, a path faster than the roofline) gets warnings under its table and in
+the JSON ("warnings"), with what to try instead.
 
 Warm or cold cache (--cache, default both): "warm" rows time a step right after other
 steps of the same path, so data that fits in cache is found there. In a training loop the
@@ -165,7 +169,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=_positive_int, default=None,
         help="timed steps per path (and per cache mode, see --cache); the median is reported (default: 50 for cases up to 10M "
-        "parameters, 20 above; --quick: 3)",
+        f"parameters, 20 above; --quick: {QUICK_REPEATS})",
     )
     parser.add_argument(
         "--warmup", type=_positive_int, default=3, help="untimed steps of each path before timing starts and again at the start of every round "
@@ -188,7 +192,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         f"last-level cache (default: {DEFAULT_FLUSH_MIB}, or {FLUSH_CACHE_FACTOR}x the largest cache the "
         f"system reports if that is more; for this CPU: {default_flush_bytes(torch.device('cpu')) // 2**20})",
     )
-    parser.add_argument("--quick", action="store_true", help="small cases and 3 repeats: a smoke run in seconds")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small cases and {QUICK_REPEATS} repeats: a quick run in seconds")
     parser.add_argument(
         "--out", type=Path, default=Path("adopt-bench") / "bench.json",
         help="where to write the JSON results (default: adopt-bench/bench.json)",
@@ -304,6 +309,37 @@ def _setup_flush(nbytes: int, device: torch.device) -> Callable[[], Any]:
     return flush
 
 
+# A run is flagged unreliable (in the table and the JSON's "warnings") when a timing's median
+# is more than SPREAD_LIMIT times its min (the machine's load changed during the run), the
+# roofline's bandwidth is below MIN_PLAUSIBLE_GB_S (the add was descheduled), or a path is
+# faster than FASTER_THAN_ROOFLINE times the roofline (the roofline itself was slowed down).
+SPREAD_LIMIT = 1.5
+MIN_PLAUSIBLE_GB_S = 1.0
+FASTER_THAN_ROOFLINE = 0.7
+ADVICE = ("the figures above are unreliable: rerun on an idle machine, with more --repeats, "
+          "or with fewer --threads than cores")
+
+
+def reliability_warnings(part: dict[str, Any]) -> list[str]:
+    """What makes one cache mode's figures (``{"roofline": ..., "results": ...}``) unreliable."""
+    warnings = []
+    roof = part["roofline"]
+    if roof["add_ms"] > SPREAD_LIMIT * roof["add_min_ms"]:
+        warnings.append(f"roofline add: median {roof['add_ms']:.3f} ms is {roof['add_ms'] / roof['add_min_ms']:.1f}x "
+                        f"its min {roof['add_min_ms']:.3f} ms")
+    if roof["bandwidth_gb_s"] < MIN_PLAUSIBLE_GB_S:
+        warnings.append(f"roofline at {roof['bandwidth_gb_s']:.2g} GB/s is below any plausible memory bandwidth")
+    for row in part["results"]:
+        if "error" in row:
+            continue
+        if row["median_ms"] > SPREAD_LIMIT * row["min_ms"]:
+            warnings.append(f"{row['path']}: median {row['median_ms']:.3f} ms is "
+                            f"{row['median_ms'] / row['min_ms']:.1f}x its min {row['min_ms']:.3f} ms")
+        if row["vs_roofline"] < FASTER_THAN_ROOFLINE:
+            warnings.append(f"{row['path']}: {row['vs_roofline']:.2f}x the roofline, faster than memory allows")
+    return warnings
+
+
 def _roofline(add_ms: list[float], total: int, itemsize: int) -> dict[str, Any]:
     """Bandwidth of the in-place add (3 values per element) and the step time it implies."""
     median = statistics.median(add_ms)
@@ -399,7 +435,7 @@ def run_cases(
     progress = _Progress(len(cases) * (len(paths) + ROUNDS))
     results = []
     for total, tensors in cases:
-        reps = repeats or (3 if quick else 50 if total <= 10_000_000 else 20)
+        reps = repeats or (QUICK_REPEATS if quick else 50 if total <= 10_000_000 else 20)
         label = f"{_fmt(total)}/{tensors}"
         steps: dict[str, Callable[[], Any]] = {}
         rows: dict[str, dict[str, Any]] = {path: {"path": path} for path in paths}
@@ -416,6 +452,7 @@ def run_cases(
         case: dict[str, Any] = {"params": total, "tensors": tensors, "repeats": reps}
         for mode in modes:
             summary = _summarise(times[mode], rows, mode, total, dtype.itemsize)
+            summary["warnings"] = reliability_warnings(summary)
             if mode == "warm":  # the warm figures stay where they were before cold ones existed
                 case.update(summary)
             else:
@@ -538,6 +575,10 @@ def format_table(cases: list[dict[str, Any]]) -> str:
                 lines.append(
                     f"{start}{row['median_ms']:>11.3f}{row['min_ms']:>10.3f}{row['vs_roofline']:>12.2f}{vs_adamw:>15}"
                 )
+        warned = [(mode, w) for mode, part in modes for w in part.get("warnings", [])]
+        lines.extend(f"  warning ({mode}): {w}" for mode, w in warned)
+        if warned:
+            lines.append(f"  {ADVICE}")
         lines.append("")
     return "\n".join(lines)
 
