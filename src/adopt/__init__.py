@@ -7,6 +7,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .functional import adopt
+from .info import environment_info
 from .optimizer import ADOPT
 from .schedules import DEFAULT_CLIP, PowerClip
 
@@ -15,4 +16,4 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
-__all__ = ["ADOPT", "adopt", "PowerClip", "DEFAULT_CLIP", "__version__"]
+__all__ = ["ADOPT", "adopt", "PowerClip", "DEFAULT_CLIP", "environment_info", "__version__"]

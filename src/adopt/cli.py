@@ -1,4 +1,4 @@
-"""The ``adopt`` command line: ``adopt demo`` and ``adopt bench``.
+"""The ``adopt`` command line: ``adopt demo``, ``adopt bench`` and ``adopt info``.
 
 Each subcommand lives in its own module exposing ``configure_parser(parser)`` and
 ``run(args) -> int``. The module is imported only once its subcommand is chosen, so
@@ -26,6 +26,11 @@ COMMANDS = {
         "time one optimizer step of each ADOPT implementation (single-tensor, foreach, fused) "
         "against torch.optim.AdamW and the memory-bandwidth limit; prints a table and writes "
         "JSON to ./adopt-bench (--quick: seconds)",
+    ),
+    "info": (
+        "adopt.info",
+        "print what a bug report needs: versions, whether the fused CPU kernel is built (and its "
+        "SIMD level and OpenMP runtime), threads, Triton and CUDA",
     ),
 }
 
