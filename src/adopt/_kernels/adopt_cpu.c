@@ -233,6 +233,29 @@ static void process_range(const adopt_cpu_args *a, const tensor_info *info, int6
 
 /* ---- entry point -------------------------------------------------------------------- */
 
+/*
+ * Busy CPUs. The work is split statically, so a call lasts until its slowest thread is done;
+ * when other processes occupy the cores, a thread that the OS has not scheduled yet holds the
+ * whole call for a time slice (milliseconds, 30x a 1M-element step). A call therefore notes
+ * how late its threads started; when one started more than ADOPT_LATE_START seconds after the
+ * call, the following calls run on one thread for ADOPT_SERIAL_PERIOD seconds, and then try
+ * the full team again. Results do not depend on the number of threads.
+ */
+#define ADOPT_LATE_START 1e-3
+#define ADOPT_SERIAL_PERIOD 1.0
+#define ADOPT_MAX_TEAM 256
+
+#ifdef _OPENMP
+static double serial_until = 0.0; /* omp_get_wtime() before which calls run serially */
+
+static int contended_now(void) {
+    double until;
+#pragma omp atomic read
+    until = serial_until;
+    return omp_get_wtime() < until;
+}
+#endif
+
 static int threads_for(int64_t total, int requested) {
     int64_t nt = requested;
 #ifdef _OPENMP
@@ -276,17 +299,32 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
     info[n].clip = INFINITY;
     info[n].first = 0;
 
-    const int nt = threads_for(total, a->num_threads);
+    int nt = threads_for(total, a->num_threads);
+#ifdef _OPENMP
+    if (nt > ADOPT_MAX_TEAM) nt = ADOPT_MAX_TEAM;
+    if (nt > 1 && contended_now()) nt = 1;
+#endif
     if (nt > 1) {
 #ifdef _OPENMP
+        double started[ADOPT_MAX_TEAM];
+        const double call_start = omp_get_wtime();
+        int team = 1;
 #pragma omp parallel num_threads(nt)
         {
             const int64_t cnt = omp_get_num_threads(), tid = omp_get_thread_num();
+            started[tid] = omp_get_wtime();
+            if (tid == 0) team = (int)cnt;
             int64_t chunk = (total + cnt - 1) / cnt;
             chunk = (chunk + ADOPT_RANGE_ALIGN - 1) / ADOPT_RANGE_ALIGN * ADOPT_RANGE_ALIGN;
             const int64_t lo = tid * chunk < total ? tid * chunk : total;
             const int64_t hi = lo + chunk < total ? lo + chunk : total;
             if (lo < hi) process_range(a, info, lo, hi);
+        }
+        double latest = call_start;
+        for (int t = 0; t < team; t++) latest = started[t] > latest ? started[t] : latest;
+        if (latest - call_start > ADOPT_LATE_START) {
+#pragma omp atomic write
+            serial_until = omp_get_wtime() + ADOPT_SERIAL_PERIOD;
         }
 #endif
     } else {
