@@ -17,7 +17,7 @@ import torch
 
 import adopt._foreach as foreach_mod
 from adopt import ADOPT, PowerClip
-from helpers import make_problem
+from helpers import make_problem, run_adopt
 
 # --------------------------------------------------------------------------------------------
 # Bit-exact agreement with the single-tensor path
@@ -33,18 +33,11 @@ CHUNKING = {"default": foreach_mod._MIN_CHUNK, "tiny": 1}
 
 def _run(init, grads, monkeypatch, min_chunk, **kw):
     monkeypatch.setattr(foreach_mod, "_MIN_CHUNK", min_chunk)
-    params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = ADOPT(params, **kw)
-    for row in grads:
-        for p, g in zip(params, row):
-            p.grad = None if g is None else g.clone()
-        opt.step()
-    return params, opt
+    return run_adopt(init, grads, **kw)[1]
 
 
-def _assert_bit_equal(ref, got):
-    (ref_params, ref_opt), (got_params, got_opt) = ref, got
-    for i, (a, b) in enumerate(zip(ref_params, got_params)):
+def _assert_bit_equal(ref_opt, got_opt):
+    for i, (a, b) in enumerate(zip(ref_opt.param_groups[0]["params"], got_opt.param_groups[0]["params"])):
         assert torch.equal(a.detach(), b.detach()), f"param {i}: max diff {(a.double() - b.double()).abs().max()}"
         sa, sb = ref_opt.state[a], got_opt.state[b]
         assert sa.keys() == sb.keys()
@@ -116,7 +109,7 @@ def test_non_contiguous_tensors_are_chunked_whole(monkeypatch, dtype, capturable
             for p, g in zip(params, row):
                 p.grad = g.clone()
             opt.step()
-        return params, opt
+        return opt
 
     _assert_bit_equal(run(False, foreach_mod._MIN_CHUNK), run(True, 1))
 
