@@ -162,7 +162,7 @@ def test_missing_demo_dependency_says_what_to_install(
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     code, stdout, stderr = _run_cli(["demo", "--quick", "--out", str(tmp_path / "out")])
     assert code == 2
-    assert dist in stderr and 'pip install "adopt-optim[demo]"' in stderr
+    assert dist in stderr and 'pip install ".[demo]" (in a clone of the repository)' in stderr
     assert "Traceback" not in stderr and stdout == ""
     assert not (tmp_path / "out").exists()
 

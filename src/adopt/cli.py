@@ -45,7 +45,7 @@ start here:
   adopt demo --quick    the same in a few seconds
   adopt demo --help     all demo options
 
-Demo dependencies: pip install "adopt-optim[demo]"
+Demo dependencies: pip install ".[demo]" (in a clone of the repository)
 """
 
 

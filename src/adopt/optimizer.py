@@ -59,7 +59,7 @@ class ADOPT(Optimizer):
         fused: use the fused one-pass kernel (default: None: fused wherever its kernel is
             available for every parameter (the C kernel on CPU, Triton on CUDA), unless
             ``foreach`` or ``differentiable`` is set or the step is being compiled; see
-            README, "Execution paths").
+            docs/execution-paths.md).
 
     Example:
         >>> model = torch.nn.Linear(10, 1)

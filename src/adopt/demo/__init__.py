@@ -6,7 +6,7 @@ Two experiments, chosen with ``--experiments``:
 * ``digits``: a small MLP on scikit-learn's digits, see :mod:`adopt.demo.digits`.
 
 Writes ``demo.png`` and ``demo.json`` to ``--out`` and prints a table and a reading of the
-numbers. Needs the ``demo`` extra: ``pip install "adopt-optim[demo]"``.
+numbers. Needs the ``demo`` extra: ``pip install ".[demo]"`` in a clone of the repository.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ EXPERIMENTS = ("toy", "digits")
 # Defaults of the full run and of --quick; explicit flags override either.
 DEFAULTS = {"steps": 20_000, "epochs": 30, "seeds": 32}
 QUICK = {"steps": 3_000, "epochs": 3, "seeds": 16}
-INSTALL_HINT = 'pip install "adopt-optim[demo]"'
+INSTALL_HINT = 'pip install ".[demo]" (in a clone of the repository)'
 
 DESCRIPTION = """\
 Reproduce the evidence of the ADOPT paper (Taniguchi et al., NeurIPS 2024) on this machine.
