@@ -170,12 +170,12 @@ def test_missing_demo_dependency_says_what_to_install(
 def test_help_texts() -> None:
     code, stdout, _ = _run_cli(["--help"])
     assert code == 0
-    assert "demo" in stdout and "bench" in stdout and "adopt demo --quick" in stdout
+    assert "demo" in stdout and "bench" in stdout and "info" in stdout and "adopt demo --quick" in stdout
     code, stdout, _ = _run_cli(["demo", "--help"])
     assert code == 0
     for flag in ("--steps", "--seeds", "--epochs", "--device", "--out", "--quick", "--experiments"):
         assert flag in stdout
-    assert "about a minute" in stdout and "demo.png" in stdout
+    assert "about 30 seconds" in stdout and "demo.png" in stdout
 
 
 def test_version() -> None:

@@ -18,7 +18,7 @@ COMMANDS = {
     "demo": (
         "adopt.demo",
         "reproduce the ADOPT paper's evidence: its toy counterexample (Adam goes the wrong way, "
-        "ADOPT does not) and a small MLP on scikit-learn's digits; ~1 min on 2 CPU cores, "
+        "ADOPT does not) and a small MLP on scikit-learn's digits; ~30 s on 2 CPU cores, "
         "writes a figure and JSON to ./adopt-demo",
     ),
     "bench": (
@@ -41,8 +41,8 @@ Use it in code as `from adopt import ADOPT`; this command runs demonstrations an
 
 EPILOG = """\
 start here:
-  adopt demo            run the demo (about a minute), results in ./adopt-demo/
-  adopt demo --quick    the same in a few seconds
+  adopt demo            run the demo (about 30 seconds), results in ./adopt-demo/
+  adopt demo --quick    the same in under 10 seconds
   adopt demo --help     all demo options
 
 Demo dependencies: pip install ".[demo]" (in a clone of the repository)

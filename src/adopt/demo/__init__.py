@@ -1,4 +1,4 @@
-"""``adopt demo``: reproduce the ADOPT paper's evidence on this machine in about a minute.
+"""``adopt demo``: reproduce the ADOPT paper's evidence on this machine in about 30 seconds.
 
 Two experiments, chosen with ``--experiments``:
 
@@ -38,7 +38,7 @@ Reproduce the evidence of the ADOPT paper (Taniguchi et al., NeurIPS 2024) on th
   digits  A small MLP on scikit-learn's built-in digits (no download), trained with
           ADOPT, Adam and AdamW at their default beta2 and at beta2 = 0.5.
 
-The default run takes about a minute on 2 CPU cores, --quick a few seconds. Results go
+The default run takes about 30 seconds on 2 CPU cores, --quick under 10 seconds. Results go
 to --out: demo.png (figure), demo.json (all numbers); a table and a plain reading of
 the numbers are printed.
 """
@@ -80,7 +80,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "examples:\n"
-        "  adopt demo                         full run (~1 min), writes ./adopt-demo/\n"
+        "  adopt demo                         full run (~30 s), writes ./adopt-demo/\n"
         "  adopt demo --quick                 smoke run (a few seconds)\n"
         "  adopt demo --experiments toy --steps 50000 --seeds 64 --out runs/toy"
     )
