@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
 
 import adopt as adopt_pkg
 from adopt import ADOPT, DEFAULT_CLIP, PowerClip, adopt
+from adopt._foreach import foreach_adopt
 from helpers import PATHS, make_problem, real64, run_adopt, run_oracle
 from oracle import OracleState, oracle_step, quarter_power
 
@@ -420,7 +422,7 @@ def test_version_comes_from_package_metadata():
 # ---------------------------------------------------------------- path choice
 
 def test_automatic_path_choice(monkeypatch):
-    from adopt import functional
+    from adopt import _fused, functional
 
     cpu = [torch.nn.Parameter(torch.randn(3))]
     assert functional.default_path(cpu, differentiable=True, lr=1e-3, capturable=False) == "single"
@@ -428,10 +430,48 @@ def test_automatic_path_choice(monkeypatch):
     assert functional.default_path(cpu, differentiable=False, lr=1e-3, capturable=False) == "fused"
     assert functional.default_path([torch.zeros(3, dtype=torch.int64)], False, 1e-3, False) == "single"
     monkeypatch.setattr(functional, "fused_cpu_available", lambda: False)
-    assert functional.default_path(cpu, differentiable=False, lr=1e-3, capturable=False) == "single"
+    monkeypatch.setattr(_fused, "_fallback_warned", False)
+    with pytest.warns(_fused.FusedFallbackWarning, match="runs the foreach path on CPU"):
+        assert functional.default_path(cpu, differentiable=False, lr=1e-3, capturable=False) == "foreach"
+    # foreach cannot take a Tensor lr without capturable; other tensor types stay single-tensor
+    assert functional.default_path(cpu, differentiable=False, lr=torch.tensor(0.1), capturable=False) == "single"
+    assert functional.default_path([torch.zeros(3, dtype=torch.int64)], False, 1e-3, False) == "single"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert functional.default_path(cpu, differentiable=False, lr=1e-3, capturable=False) == "foreach"
     assert functional.default_path(cpu, differentiable=False, lr=torch.tensor(0.1), capturable=False) == "single"
+
+
+def test_default_optimizer_without_the_kernel_runs_foreach_after_one_warning(monkeypatch):
+    """No compiler at install: ADOPT(params) says so once and runs foreach, which gives the
+    single-tensor results bit for bit."""
+    from adopt import _fused, functional
+
+    monkeypatch.setattr(functional, "fused_cpu_available", lambda: False)
+    monkeypatch.setattr(_fused, "_CPU_KERNEL", None)  # the one-call CPU step declines too
+    monkeypatch.setattr(_fused, "_fallback_warned", False)
+    calls = []
+    monkeypatch.setattr(functional, "foreach_adopt", lambda *a, **k: (calls.append(1), foreach_adopt(*a, **k)))
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(4)]
+    results = []
+    for kw in ({}, {"foreach": False}):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = ADOPT(params, **kw)
+        for step, row in enumerate(grads):
+            for p, g in zip(params, row):
+                p.grad = g.clone()
+            if not kw and step == 0:
+                with pytest.warns(_fused.FusedFallbackWarning, match="adopt info"):
+                    opt.step()
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    opt.step()
+        results.append([p.detach() for p in params])
+    assert len(calls) == len(grads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_default_optimizer_on_cpu_runs_the_fused_kernel_when_built(monkeypatch):

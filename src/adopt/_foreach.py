@@ -11,6 +11,10 @@ the L2-decayed gradients, the capturable path's selections). Each group is there
 chunks of a bounded element count, a large contiguous tensor being cut into flat slices, so
 that all temporaries alive at once stay within the group's own size, as for
 ``torch.optim.AdamW(foreach=True)``; a group below :data:`_MIN_CHUNK` elements is one chunk.
+On the CPU a chunk also holds at most :data:`_CPU_CHUNK` elements, so that its temporaries
+stay in cache between the ops that write and read them: measured on 2 cores, a step over
+10M parameters in 20 tensors took 45 ms in chunks of half the group and 11 ms in chunks of
+256K elements (single-tensor: 15 ms).
 ``maximize`` negates the normalised gradient in place (``(-g) / d == -(g / d)`` and
 ``g * g == (-g) * (-g)`` exactly) instead of copying the gradients.
 
@@ -36,6 +40,9 @@ from .schedules import ClipSchedule, device_thresholds, host_thresholds
 # A group (or its first-step part) up to this many elements runs as one chunk: below it the
 # fixed cost of more foreach calls outweighs the memory saved (at most a few MiB).
 _MIN_CHUNK = 1 << 18
+
+# Largest chunk on the CPU (elements; 1 MiB per float32 temporary), see the module docstring.
+_CPU_CHUNK = 1 << 18
 
 # Only these are cut into flat slices; a tensor subclass (DTensor) is kept whole.
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -276,7 +283,7 @@ def _chunks(
 ) -> list[tuple[list[list[Tensor]], Optional[list[int]]]]:
     """The parallel ``lists`` in chunks whose ``temporaries`` list-sized temporaries stay within
     the lists' own size (each chunk holds at most ``1 / temporaries`` of the elements, or
-    :data:`_MIN_CHUNK`).
+    :data:`_MIN_CHUNK`; on the CPU at most :data:`_CPU_CHUNK`).
 
     Each chunk comes with, for every entry, the index of the tensor it is (a part of), for
     per-tensor values such as thresholds and masks; ``None`` when the lists are one chunk, as
@@ -287,6 +294,8 @@ def _chunks(
     numels = [t.numel() for t in lists[0]]
     total = sum(numels)
     limit = max(-(-total // temporaries), _MIN_CHUNK)
+    if lists[0] and lists[0][0].is_cpu:
+        limit = min(limit, _CPU_CHUNK)
     if total <= limit:
         return [(lists, None)]
     chunks: list[tuple[list[list[Tensor]], Optional[list[int]]]] = []

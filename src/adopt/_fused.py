@@ -36,6 +36,7 @@ __all__ = [
     "fused_cuda_available",
     "fused_supported_dtypes",
     "FusedFallbackWarning",
+    "warn_missing_cpu_kernel_once",
 ]
 
 _SUPPORTED_DTYPES = frozenset(
@@ -90,7 +91,8 @@ def fused_supported_dtypes() -> frozenset[torch.dtype]:
 _fallback_warned = False
 
 
-def _warn_fallback_once() -> None:
+def _warn_fallback_once(runs: str = "fused=True runs the foreach path on CPU instead") -> None:
+    """One FusedFallbackWarning per process: the C kernel is missing and ``runs`` instead."""
     global _fallback_warned
     if _fallback_warned:
         return
@@ -98,11 +100,16 @@ def _warn_fallback_once() -> None:
     reason = _CPU_KERNEL_ERROR or "the extension is unavailable"
     warnings.warn(
         "adopt: the fused CPU kernel (adopt._kernels._adopt_cpu) could not be loaded "
-        f"({reason}); fused=True runs the foreach path on CPU instead. Reinstall with a C "
-        "compiler available to build it.",
+        f"({reason}); {runs}. Reinstall with a C compiler available to build it "
+        "(`adopt info` shows what was built).",
         FusedFallbackWarning,
-        stacklevel=5,  # the caller of fused_adopt
+        stacklevel=5,  # the caller of fused_adopt / adopt
     )
+
+
+def warn_missing_cpu_kernel_once() -> None:
+    """The warning for the automatic path choice, which then runs foreach on the CPU."""
+    _warn_fallback_once("ADOPT runs the foreach path on CPU, several times slower than fused")
 
 
 def fused_adopt(

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from ._foreach import foreach_adopt
-from ._fused import fused_adopt, fused_cpu_available, fused_cuda_available, fused_supported_dtypes
+from ._fused import (
+    fused_adopt,
+    fused_cpu_available,
+    fused_cuda_available,
+    fused_supported_dtypes,
+    warn_missing_cpu_kernel_once,
+)
 from ._single_tensor import single_tensor_adopt
 from .schedules import ClipSchedule
 
@@ -35,22 +41,30 @@ def default_path(params: list[Tensor], differentiable: bool, lr: Union[float, Te
     * plain tensors on CPU and/or CUDA whose fused kernel is available (the C extension was
       built; triton is installed): fused.
     * otherwise foreach when every parameter is on CUDA (not with a Tensor ``lr`` and
-      ``capturable=False``), else single-tensor, as ``torch.optim.Adam`` chooses.
+      ``capturable=False``), or on the CPU where the fused C kernel would run but was not
+      built (with a one-time :class:`FusedFallbackWarning`), else single-tensor.
     """
     if differentiable or torch.jit.is_scripting() or not params:
         return "single"
     foreach_allowed = capturable or not isinstance(lr, Tensor)
     if torch.compiler.is_compiling():
         return "foreach" if foreach_allowed else "single"
-    if _fused_handles(params):
+    cpu_kernel = fused_cpu_available()
+    if _fused_handles(params, cpu_kernel):
         return "fused"
     if foreach_allowed and all(map(_is_cuda, params)):
+        return "foreach"
+    if foreach_allowed and not cpu_kernel and _fused_handles(params, True):
+        # The C kernel was not built (no compiler at install): the fastest path left on the
+        # CPU is foreach, faster than single-tensor at every size measured (BENCHMARKS.md).
+        warn_missing_cpu_kernel_once()
         return "foreach"
     return "single"
 
 
-def _fused_handles(params: list[Tensor]) -> bool:
-    """Whether every parameter is a plain tensor the built fused kernels support.
+def _fused_handles(params: list[Tensor], cpu_kernel: bool) -> bool:
+    """Whether every parameter is a plain tensor the fused kernels support, the CPU one
+    counted as there when ``cpu_kernel``.
 
     Runs on every automatic step, so it reads each attribute through C-level ``map``.
     """
@@ -59,9 +73,9 @@ def _fused_handles(params: list[Tensor]) -> bool:
     if not set(map(_dtype, params)) <= fused_supported_dtypes():
         return False
     if all(map(_is_cpu, params)):
-        return fused_cpu_available()
+        return cpu_kernel
     if all(map(_is_cpu_or_cuda, params)):
-        return fused_cuda_available() and (not any(map(_is_cpu, params)) or fused_cpu_available())
+        return fused_cuda_available() and (not any(map(_is_cpu, params)) or cpu_kernel)
     return False
 
 
