@@ -191,3 +191,40 @@ def test_python_m_adopt_help(tmp_path: Path) -> None:
     proc = _python_m_adopt("demo", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout
+
+
+def _toy(steps: int, adam: float, adopt: float) -> dict:
+    from adopt.demo.toy import BETA2S
+
+    cells = lambda v: {str(b): {"final_mean": v} for b in BETA2S}  # noqa: E731
+    return {"setup": {"steps": steps, "seeds": 4}, "optimizers": {"Adam": cells(adam), "ADOPT (no clip)": cells(adopt)}}
+
+
+def _digits(epochs: int, adam_curve: list[float]) -> dict:
+    result = lambda acc, curve: {"test_accuracy_mean": acc, "test_accuracy_std": 0.01, "train_loss_mean": curve}  # noqa: E731
+    steady = [2.0, 1.0, 0.5]
+    return {"setup": {"epochs": epochs, "seeds": 4}, "settings": ["default beta2", "beta2 = 0.5"],
+            "results": {"default beta2": {"ADOPT": result(0.95, steady), "Adam": result(0.95, steady)},
+                        "beta2 = 0.5": {"ADOPT": result(0.95, steady), "Adam": result(0.90, adam_curve)}}}
+
+
+def test_a_short_run_says_what_it_cannot_show() -> None:
+    from adopt.demo import report
+
+    short = {"toy": _toy(3000, 0.9, -0.9), "digits": _digits(3, [2.0, 1.0, 0.5])}
+    limits = report.run_limits(short)
+    assert len(limits) == 2 and "6561" in limits[0] and "3 epochs" in limits[1]
+    assert "a short run" in report.finding(short)
+    # long enough, or the instability already visible: nothing to excuse
+    assert report.run_limits({"toy": _toy(20000, 0.9, -0.9), "digits": _digits(30, [2.0, 1.0, 0.5])}) == []
+    assert report.run_limits({"digits": _digits(3, [2.0, 0.1, 1.9])}) == []
+
+
+def test_the_figure_title_states_the_finding_from_the_numbers() -> None:
+    from adopt.demo import report
+
+    title = report.finding({"toy": _toy(20000, 0.9, -0.9), "digits": _digits(30, [2.0, 1.0, 0.5])})
+    assert "Adam ends near the wrong end (+1) at β$_2$ = 0.1, 0.5, 0.9, 0.999" in title
+    assert "unclipped ADOPT near the optimum (−1) at β$_2$ = 0.1, 0.5, 0.9, 0.999" in title
+    assert "ADOPT +0.0, Adam -5.0 points" in title and "short run" not in title
+    assert "at β$_2$ = none" in report.finding({"toy": _toy(20000, 0.0, 0.0)})

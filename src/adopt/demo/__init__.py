@@ -214,6 +214,8 @@ def _run(args: argparse.Namespace, steps: int, epochs: int, seeds: int, device: 
         tables.append(report.digits_table(results["digits"]))
         reading += report.digits_reading(results["digits"])
     results["reading"] = reading
+    limits = report.run_limits(results)
+    results["limits"] = limits
 
     figure, numbers = args.out / "demo.png", args.out / "demo.json"
     report.save_figure(results, figure)
@@ -222,6 +224,9 @@ def _run(args: argparse.Namespace, steps: int, epochs: int, seeds: int, device: 
 
     print()
     print("\n\n".join(tables))
+    if limits:
+        print("\nWhat a run this short cannot show")
+        print("\n".join(limits))
     print("\nWhat this run shows")
     print("\n".join(reading))
     print(f"\nWrote {figure} and {numbers} in {results['seconds']:.0f} s.")
