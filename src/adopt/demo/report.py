@@ -22,7 +22,7 @@ COLORS = {
     "AdamW": "tab:purple",
 }
 # AdamW differs from Adam only by a small decoupled weight decay; dashes keep it visible on top.
-LINESTYLES = {"AdamW": "--"}
+LINESTYLES = {"AdamW": "--", "AMSGrad": "--"}  # dashed: the line drawn under them shows through
 
 
 def _pm(mean: float, std: float, digits: int = 2, sign: bool = False) -> str:
@@ -252,8 +252,22 @@ def save_figure(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _p10_p90(values: list[float]) -> tuple[float, float]:
+    """The 10th and 90th percentiles (linear interpolation, as torch.quantile), the one spread
+    measure every panel shows."""
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return at(0.1), at(0.9)
+
+
 def _plot_toy(fig: Any, grid: Any, row: int, toy: dict[str, Any]) -> None:
-    """One panel per β2: mean θ over steps per optimizer with a 10–90% band over seeds."""
+    """One panel per β2: mean θ over steps per optimizer with a 10–90 % band over seeds."""
     steps = toy["steps"]
     setup = toy["setup"]
     axes: list[Any] = []
@@ -262,7 +276,7 @@ def _plot_toy(fig: Any, grid: Any, row: int, toy: dict[str, Any]) -> None:
         axes.append(ax)
         for name in TOY_OPTIMIZERS:
             cell = toy["optimizers"][name][str(b)]
-            ax.plot(steps, cell["mean"], color=COLORS[name], lw=1.6, label=name)
+            ax.plot(steps, cell["mean"], color=COLORS[name], ls=LINESTYLES.get(name, "-"), lw=1.6, label=name)
             ax.fill_between(steps, cell["p10"], cell["p90"], color=COLORS[name], alpha=0.15, lw=0)
         ax.axhline(-1, color="black", lw=0.8, ls=":")
         if setup["steps"] > CLIP_CATCH_UP_STEP:
@@ -278,8 +292,8 @@ def _plot_toy(fig: Any, grid: Any, row: int, toy: dict[str, Any]) -> None:
         ax.set_xlabel("step")
         ax.set_ylim(-1.08, 1.08)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("θ (optimum −1)\nline: mean, band: 10–90% of seeds")
-    axes[-1].legend(loc="upper right", fontsize=8, framealpha=0.9)
+    axes[0].set_ylabel("θ (optimum −1)\nline: mean, band: 10–90 % of seeds")
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # outside the data
 
 
 def _plot_digits(fig: Any, grid: Any, row: int, digits: dict[str, Any]) -> None:
@@ -293,17 +307,16 @@ def _plot_digits(fig: Any, grid: Any, row: int, digits: dict[str, Any]) -> None:
         ax = fig.add_subplot(grid[row, 4 * j : 4 * j + 4])
         for name, r in digits["results"][s].items():
             per_seed = list(zip(*r["train_loss"]))  # [epochs + 1][seeds]
-            label = f"{name} (β = {r['betas'][0]}, {r['betas'][1]})"
-            ax.plot(epochs, r["train_loss_mean"], color=COLORS[name], ls=LINESTYLES.get(name, "-"), lw=1.6, label=label)
-            lowest, highest = [min(v) for v in per_seed], [max(v) for v in per_seed]
-            ax.fill_between(epochs, lowest, highest, color=COLORS[name], alpha=0.15, lw=0)
+            ax.plot(epochs, r["train_loss_mean"], color=COLORS[name], ls=LINESTYLES.get(name, "-"), lw=1.6)
+            bands = [_p10_p90(list(v)) for v in per_seed]
+            ax.fill_between(epochs, [b[0] for b in bands], [b[1] for b in bands], color=COLORS[name], alpha=0.15, lw=0)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"digits MLP ({setup['seeds']} seeds), {s.replace('beta2', 'β$_2$')}")
+        beta2s = ", ".join(f"{n} {r['betas'][1]}" for n, r in digits["results"][s].items())
+        ax.set_title(f"digits MLP ({setup['seeds']} seeds), β$_2$: {beta2s}", fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("training loss (line: mean, band: min–max of seeds)")
+        ax.set_ylabel("training loss (line: mean, band: 10–90 % of seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     ax = fig.add_subplot(grid[row, 4 * len(settings) :])
     names = list(digits["results"][settings[0]])
     width = 0.8 / len(names)
@@ -313,12 +326,14 @@ def _plot_digits(fig: Any, grid: Any, row: int, digits: dict[str, Any]) -> None:
             x = j + (i - (len(names) - 1) / 2) * width
             accs = [100 * a for a in r["test_accuracy"]]
             ax.scatter([x] * len(accs), accs, color=COLORS[name], s=10, alpha=0.5, lw=0)
+            mean = 100 * r["test_accuracy_mean"]
+            low, high = _p10_p90(accs)
             ax.errorbar(
-                x, 100 * r["test_accuracy_mean"], yerr=100 * r["test_accuracy_std"], fmt="o", color=COLORS[name],
+                x, mean, yerr=[[mean - low], [high - mean]], fmt="o", color=COLORS[name],
                 capsize=3, label=name if j == 0 else None,
             )
     ax.set_xticks(range(len(settings)), [s.replace("beta2", "β$_2$") for s in settings])
     ax.set_ylabel("test accuracy (%), dots: seeds")
-    ax.set_title(f"digits test accuracy, mean ± std of {setup['seeds']} seeds")
+    ax.set_title(f"digits test accuracy of {setup['seeds']} seeds (dot: mean, bar: 10–90 %)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside the data; same colours left
