@@ -52,6 +52,9 @@ def test_wheel_holds_the_compiled_kernel_and_license_but_no_c_sources(tmp_path: 
     assert any(n.startswith("adopt/_kernels/_adopt_cpu") for n in names), names
     assert any(n.endswith("licenses/LICENSE") for n in names), names
     assert not [n for n in names if n.endswith((".c", ".h"))], names
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "Project-URL: Paper, https://arxiv.org/abs/2411.02853" in text and "License-File: LICENSE" in text
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], cwd=src, check=True,
                    capture_output=True, text=True, timeout=300)
     (sdist,) = out.glob("*.tar.gz")
