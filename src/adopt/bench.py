@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ._argtypes import device_type
+from .info import cpu_name
 
 PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused")
 DEFAULT_SIZES = "1M:200,50M:10"
@@ -387,7 +388,7 @@ def _machine(device: torch.device) -> dict[str, Any]:
     kernel = _cpu_kernel()
     info: dict[str, Any] = {
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -399,17 +400,6 @@ def _machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_cases(

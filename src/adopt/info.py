@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from . import _fused
-from .bench import _cpu_name
 
 # The target_clones the kernel is built with, widest first, and the CPU flags each needs
 # (GCC's x86-64 micro-architecture levels, as /proc/cpuinfo names the flags).
@@ -25,6 +24,18 @@ _X86_LEVELS = (
     ("x86-64-v4 (AVX-512)", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
     ("x86-64-v3 (AVX2, FMA)", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}),  # abm: LZCNT
 )
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> set[str]:
@@ -92,7 +103,7 @@ def environment_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "fused_cpu_kernel": cpu,
         "triton": _triton(),

@@ -92,6 +92,11 @@ static int neg_word = -1;
 static uint64_t neg_mask;
 static const char *impl_of(PyObject *x);
 
+/* Whether the negated-view bit is known and set in x's TensorImpl (runs no Python code). */
+static int neg_bit_set(PyObject *x) {
+    return neg_word >= 0 && (((const uint64_t *)impl_of(x))[neg_word] & neg_mask) != 0;
+}
+
 /* ---- torch's C shim ------------------------------------------------------------------ */
 
 typedef int32_t shim_rc; /* AOTITorchError: 0 is success */
@@ -222,7 +227,7 @@ static int read_meta(PyObject *x, int with_data, meta_t *m) {
     for (int64_t d = 0; d < m->dim; d++) m->numel *= sizes[d];
     /* A negated view needs a resolved stand-in, like a strided one (see is_neg_view). */
     m->contiguous = dense(sizes, strides, m->dim) &&
-                    !(neg_word >= 0 && (((const uint64_t *)impl_of(x))[neg_word] & neg_mask) != 0);
+                    !neg_bit_set(x);
     const int64_t itemsize = itemsize_of(m->dtype);
     m->in_bounds = m->numel == 0 || (itemsize > 0 && view_fits(nbytes / itemsize, offset, sizes, strides, m->dim));
     m->data = NULL;
@@ -487,7 +492,7 @@ static PyObject *str_is_neg;
 /* 1 when x (a TensorBase instance) is a negated view, 0 when not, -1 with an exception. Runs
  * Python code (a __torch_function__ override of is_neg) only where the bit was not found. */
 static int is_neg_view(PyObject *x) {
-    if (neg_word >= 0) return (((const uint64_t *)impl_of(x))[neg_word] & neg_mask) != 0;
+    if (neg_word >= 0) return neg_bit_set(x);
     PyObject *r = PyObject_CallMethodNoArgs(x, str_is_neg);
     if (r == NULL) return -1;
     const int neg = PyObject_IsTrue(r);
