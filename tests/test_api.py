@@ -145,7 +145,7 @@ def test_state_dict_keys_match_the_authors_layout():
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     assert set(sd["param_groups"][0]) == {
         "lr", "betas", "eps", "weight_decay", "decouple", "maximize", "foreach", "capturable",
-        "differentiable", "fused", "params",
+        "differentiable", "fused", "stochastic_rounding", "params",
     }
 
 

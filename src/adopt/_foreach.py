@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 from ._grouping import group_tensors
+from ._random import SR_DTYPES
+from ._rounding import device_key, host_key, write_rounded_, write_rounded_where_
 from .schedules import ClipSchedule, device_thresholds, host_thresholds
 
 # A group (or its first-step part) up to this many elements runs as one chunk: below it the
@@ -73,6 +75,7 @@ def foreach_adopt(
     maximize: bool,
     capturable: bool,
     differentiable: bool,
+    seeds: Optional[list[Tensor]] = None,
 ) -> None:
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("the foreach path expects unscaled gradients (grad_scale/found_inf are fused-only)")
@@ -85,7 +88,7 @@ def foreach_adopt(
     if not params:
         return
 
-    groups = group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex)
+    groups = group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex, seeds)
     # Read host steps and run the clip schedule for every group before touching any tensor.
     host_steps: list[list[int]] = []
     clips: list[Optional[Union[list[float], Tensor]]] = []
@@ -101,14 +104,17 @@ def foreach_adopt(
     l2 = weight_decay if weight_decay != 0 and not decouple else 0.0
     decoupled_wd = weight_decay if decouple else 0.0
     for group, counts, clip in zip(groups, host_steps, clips):
+        rounded = group.seeds is not None and group.params[0].dtype in SR_DTYPES
         if capturable:
+            keys = [device_key(*pair) for pair in zip(group.seeds, group.steps)] if rounded else None  # type: ignore[arg-type]
             _capturable_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
                               cast(Optional[Tensor], clip), beta1=beta1, beta2=beta2, lr=lr, l2=l2,
-                              weight_decay=decoupled_wd, eps=eps, maximize=maximize)
+                              weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=keys)
         else:
+            host_keys = [host_key(*pair) for pair in zip(group.seeds, counts)] if rounded else None  # type: ignore[arg-type]
             _host_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, counts,
                         cast(Optional[list[float]], clip), beta1=beta1, beta2=beta2, lr=cast(float, lr),
-                        l2=l2, weight_decay=decoupled_wd, eps=eps, maximize=maximize)
+                        l2=l2, weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=host_keys)
         if group.steps[0].is_cpu:
             # One wrapped scalar instead of re-wrapping 1 for every tensor on the slow CPU path.
             torch._foreach_add_(group.steps, torch.tensor(1.0), alpha=1.0)
@@ -131,11 +137,13 @@ def _host_group(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    keys: Optional[list[int]] = None,
 ) -> None:
     """The rule with the first-step/update split done on the host; ``weight_decay`` is decoupled.
 
     Temporaries alive at once, in chunk-sized lists: ``sqrt(v)`` and ``g / sqrt(v)``, plus the
-    decayed gradients with L2 decay.
+    decayed gradients with L2 decay; with ``keys`` (stochastic rounding, one key per tensor)
+    also the float32 parameter values and updates of the chunk.
     """
     first = [i for i, s in enumerate(host_steps) if s == 0]
     if first:
@@ -152,10 +160,12 @@ def _host_group(
             [ts[i] for i in keep] for ts in (params, grads, exp_avgs, exp_avg_sqs)
         )
         clip = None if clip is None else [clip[i] for i in keep]
+        keys = None if keys is None else [keys[i] for i in keep]
 
-    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], (2 if l2 == 0 else 3)):
+    temporaries = (2 if l2 == 0 else 3) + (0 if keys is None else 4)
+    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
         g, negate = _signed_grads(p, g, l2, maximize)
-        if weight_decay != 0:
+        if weight_decay != 0 and keys is None:
             _scale_(p, 1 - lr * weight_decay)
         normed = torch._foreach_sqrt(v)
         torch._foreach_clamp_min_(normed, eps)
@@ -168,7 +178,12 @@ def _host_group(
             torch._foreach_clamp_max_(normed, c)
         torch._foreach_lerp_(m, normed, 1 - beta1)
         del normed
-        torch._foreach_add_(p, m, alpha=-lr)
+        if keys is None:
+            torch._foreach_add_(p, m, alpha=-lr)
+        else:
+            decay = 1 - lr * weight_decay if weight_decay != 0 else None
+            for p_i, m_i, j in zip(p, m, _pick(range(len(params)), idx)):
+                write_rounded_(p_i, m_i, lr, decay, keys[j], _offset(p_i, params[j]))
         _scale_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         del g  # before the next chunk allocates its own
@@ -189,6 +204,7 @@ def _capturable_group(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    keys: Optional[list[Tensor]] = None,
 ) -> None:
     """Same rule with per-tensor masks in place of the host split: no sync, no branch.
 
@@ -203,7 +219,7 @@ def _capturable_group(
     for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], (2 if l2 == 0 else 3)):
         a = _pick(active, idx)
         g, negate = _signed_grads(p, g, l2, maximize)
-        if weight_decay != 0:
+        if weight_decay != 0 and keys is None:
             _copy_where_(p, a, torch._foreach_mul(p, 1 - lr * weight_decay), p)  # type: ignore[arg-type]
         denom = torch._foreach_sqrt(v)
         torch._foreach_clamp_min_(denom, eps)
@@ -220,13 +236,18 @@ def _capturable_group(
             normed[i] = torch.where(a_i, normed[i], m_i)
         torch._foreach_lerp_(m, normed, 1 - beta1)
         del normed
-        update = [torch.where(a_i, m_i, 0) for m_i, a_i in zip(m, a)]
-        if isinstance(lr, Tensor):
-            torch._foreach_mul_(update, lr)
-            torch._foreach_sub_(p, update)
+        if keys is not None:
+            # One tensor at a time, as the single-tensor path computes it.
+            for p_i, m_i, a_i, j in zip(p, m, a, _pick(range(len(params)), idx)):
+                write_rounded_where_(p_i, m_i, a_i, lr, weight_decay, keys[j], _offset(p_i, params[j]))
         else:
-            torch._foreach_add_(p, update, alpha=-lr)
-        del update
+            update = [torch.where(a_i, m_i, 0) for m_i, a_i in zip(m, a)]
+            if isinstance(lr, Tensor):
+                torch._foreach_mul_(update, lr)
+                torch._foreach_sub_(p, update)
+            else:
+                torch._foreach_add_(p, update, alpha=-lr)
+            del update
         # v is decayed in place: where s == 0 the selection below discards it for g * g.
         squares = torch._foreach_mul(g, g)
         _scale_(v, beta2)
@@ -272,6 +293,11 @@ def _scale_(tensors: list[Tensor], factor: float) -> None:
         torch._foreach_mul_(tensors, torch.tensor(factor, dtype=torch.float64))
     else:
         torch._foreach_mul_(tensors, factor)
+
+
+def _offset(part: Tensor, whole: Tensor) -> int:
+    """The flat index in ``whole`` where ``part`` (``whole`` itself or a flat slice of it) starts."""
+    return 0 if part is whole else part.storage_offset() - whole.storage_offset()
 
 
 def _pick(values: Sequence[_T], idx: Optional[list[int]]) -> list[_T]:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._foreach import foreach_adopt
 from ._grouping import TensorGroup, group_tensors
+from ._random import SR_DTYPES
 from .schedules import ClipSchedule, PowerClip, device_thresholds, host_thresholds
 
 __all__ = [
@@ -132,6 +133,7 @@ def fused_adopt(
     maximize: bool,
     capturable: bool,
     differentiable: bool,
+    seeds: Optional[list[Tensor]] = None,
 ) -> None:
     """One fused ADOPT step (same arguments and result as ``single_tensor_adopt``).
 
@@ -151,17 +153,19 @@ def fused_adopt(
         return
     hyper = _Hyper(beta1, beta2, lr, clip_lambda, weight_decay, decouple, eps, maximize, capturable)
     if torch.compiler.is_compiling():
-        _traced_fused_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, has_complex, hyper)
+        _traced_fused_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, has_complex,
+                            hyper, seeds)
         return
     kernel = _cpu_kernel()
     if kernel is not None and not has_complex and params[0].is_cpu:
         # Common case first: one CPU dtype group, validated and run by a single C call.
         clip = _cpu_clip(kernel, state_steps, hyper)
         if clip is not None:
-            status = _run_cpu(kernel, params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, hyper, clip)
+            status = _run_cpu(kernel, TensorGroup(params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds),
+                              grad_scale, found_inf, hyper, clip)
             if status == kernel.DONE:
                 return
-    groups = group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex)
+    groups = group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex, seeds)
     # Validate every group before any runs, so an error leaves everything untouched.
     cpu_groups = [g for g in groups if g.device.type == "cpu"]
     runs = [_plan_cuda(g, grad_scale, found_inf, hyper) for g in groups if g.device.type != "cpu"]
@@ -212,7 +216,7 @@ def fused_cpu_step(
         beta1, beta2 = group["betas"]
         specs.append(
             (params, lr, beta1, beta2, group["weight_decay"], group["eps"], exponent, mode,
-             group["decouple"], group["maximize"])
+             group["decouple"], group["maximize"], group["stochastic_rounding"])
         )
     status = kernel.step_groups(specs, state, grad_scale, found_inf, torch.get_num_threads())
     return cast(int, status) == kernel.DONE
@@ -281,11 +285,7 @@ def _cpu_clip(kernel: ModuleType, state_steps: list[Tensor], hyper: _Hyper) -> O
 
 def _run_cpu(
     kernel: ModuleType,
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
+    group: TensorGroup,
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
     hyper: _Hyper,
@@ -298,9 +298,9 @@ def _run_cpu(
     return cast(
         int,
         kernel.step(
-            params, grads, exp_avgs, exp_avg_sqs, state_steps, table, _cpu_scalar(grad_scale), _cpu_scalar(found_inf),
+            *_lists(group), table, _cpu_scalar(grad_scale), _cpu_scalar(found_inf),
             float(hyper.lr), hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps, exponent, mode,
-            hyper.decouple, hyper.maximize, torch.get_num_threads(), dry_run,
+            hyper.decouple, hyper.maximize, torch.get_num_threads(), dry_run, group.seeds,
         ),
     )
 
@@ -322,7 +322,7 @@ def _contiguous_group(group: TensorGroup) -> tuple[TensorGroup, list[tuple[Tenso
             ts[i] = original.resolve_neg().contiguous()
             if k != 1 and ts[i] is not original:  # grads are only read
                 write_back.append((original, ts[i]))
-    return TensorGroup(lists[0], lists[1], lists[2], lists[3], group.steps), write_back
+    return TensorGroup(lists[0], lists[1], lists[2], lists[3], group.steps, group.seeds), write_back
 
 
 def _check_supported(group: TensorGroup) -> None:
@@ -371,7 +371,7 @@ def _local_group(group: TensorGroup) -> TensorGroup:
                     "use foreach=True"
                 )
             local[k].append(t)
-    return TensorGroup(local[0], local[1], local[2], local[3], local[4])
+    return TensorGroup(local[0], local[1], local[2], local[3], local[4], group.seeds)
 
 
 def _plan_cpu(
@@ -408,13 +408,13 @@ def _plan_cpu_group(
     """Validate one CPU dtype group (unwrapping DTensors, making tensors contiguous as
     needed) and return the kernel call that updates it."""
     write_back: list[tuple[Tensor, Tensor]] = []
-    status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, dry_run=True)
+    status = _run_cpu(kernel, group, grad_scale, found_inf, hyper, clip, dry_run=True)
     if status == kernel.NEEDS_UNWRAP:
         group = _local_group(group)
-        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, dry_run=True)
+        status = _run_cpu(kernel, group, grad_scale, found_inf, hyper, clip, dry_run=True)
     if status == kernel.NEEDS_CONTIGUOUS:
         group, write_back = _contiguous_group(group)
-        status = _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip, dry_run=True)
+        status = _run_cpu(kernel, group, grad_scale, found_inf, hyper, clip, dry_run=True)
     if status != kernel.DONE:
         raise ValueError(
             "fused ADOPT: every grad, exp_avg, exp_avg_sq and step must be on its parameter's device "
@@ -422,7 +422,7 @@ def _plan_cpu_group(
         )
 
     def run() -> None:
-        _run_cpu(kernel, *_lists(group), grad_scale, found_inf, hyper, clip)
+        _run_cpu(kernel, group, grad_scale, found_inf, hyper, clip)
         for original, copy in write_back:
             original.copy_(copy)
 
@@ -435,6 +435,7 @@ def _plan_fallback(
     """The foreach path for the CPU groups when the C kernel is missing (AMP handled here)."""
     _warn_fallback_once()
     params, grads, exp_avgs, exp_avg_sqs, steps = ([t for ts in lists for t in ts] for lists in zip(*map(_lists, groups)))
+    seeds = None if groups[0].seeds is None else [s for g in groups for s in cast(list[Tensor], g.seeds)]
     lr = hyper.lr if hyper.capturable or not isinstance(hyper.lr, Tensor) else float(hyper.lr)
 
     def run() -> None:
@@ -445,7 +446,7 @@ def _plan_fallback(
             params, unscaled, exp_avgs, exp_avg_sqs, steps, None, None,
             has_complex=False, beta1=hyper.beta1, beta2=hyper.beta2, lr=lr, clip_lambda=hyper.clip_lambda,
             weight_decay=hyper.weight_decay, decouple=hyper.decouple, eps=hyper.eps, maximize=hyper.maximize,
-            capturable=hyper.capturable, differentiable=False,
+            capturable=hyper.capturable, differentiable=False, seeds=seeds,
         )
 
     return run
@@ -484,13 +485,16 @@ def _plan_cuda(
     if isinstance(lr, Tensor):
         lr = float(lr) if lr.is_cpu else lr.to(device, non_blocking=True)  # a CPU read is not a device sync
     scale, inf = _on_device(grad_scale, device), _on_device(found_inf, device)
+    seeds = None
+    if group.seeds is not None and group.params[0].dtype in SR_DTYPES:
+        seeds = torch.stack([s.reshape(()) for s in group.seeds]).to(device, torch.int64)
 
     def run() -> None:
         triton_adopt.launch_group(
             group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
             grad_scale=scale, found_inf=inf, beta1=hyper.beta1, beta2=hyper.beta2, lr=lr,
             clip=clip, weight_decay=hyper.weight_decay, decouple=hyper.decouple, eps=hyper.eps,
-            maximize=hyper.maximize,
+            maximize=hyper.maximize, seeds=seeds,
         )
         for original, copy in write_back:
             original.copy_(copy)
@@ -519,14 +523,16 @@ def _fused_adopt_cpu_op(
     maximize: bool,
     clip_exponent: Optional[float],
     clip_table: Optional[Tensor],
+    seeds: list[Tensor],
 ) -> None:
     """One CPU dtype group's fused step as a PyTorch operator, which torch.compile records
     in its graph (the C call itself is opaque to it). ``clip_exponent``: ``s ** exponent``
-    thresholds; ``clip_table``: one float64 threshold per tensor; neither: no clipping."""
+    thresholds; ``clip_table``: one float64 threshold per tensor; neither: no clipping;
+    ``seeds``: stochastic rounding (empty: nearest)."""
     kernel = cast(ModuleType, _cpu_kernel())
     clip = _kernel_clip(kernel, (clip_exponent, clip_table))
     hyper = _Hyper(beta1, beta2, lr if lr_tensor is None else lr_tensor, None, weight_decay, decouple, eps, maximize, False)
-    group = TensorGroup(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    group = TensorGroup(params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds or None)
     _plan_cpu_group(kernel, group, grad_scale, found_inf, hyper, clip)()
 
 
@@ -545,10 +551,11 @@ def _traced_fused_adopt(
     found_inf: Optional[Tensor],
     has_complex: bool,
     hyper: _Hyper,
+    seeds: Optional[list[Tensor]],
 ) -> None:
     """fused_adopt as torch.compile traces it: each CPU group is one ``adopt::fused_adopt_cpu_``
     op, with the clip thresholds computed in the graph."""
-    for group in group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex):
+    for group in group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex, seeds):
         if group.device.type != "cpu":
             _plan_cuda(group, grad_scale, found_inf, hyper)()
             continue
@@ -566,5 +573,5 @@ def _traced_fused_adopt(
         torch.ops.adopt.fused_adopt_cpu_(
             *_lists(group), grad_scale, found_inf, lr if not isinstance(lr, Tensor) else 0.0,
             lr if isinstance(lr, Tensor) else None, hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps,
-            hyper.decouple, hyper.maximize, exponent, table,
+            hyper.decouple, hyper.maximize, exponent, table, group.seeds or [],
         )

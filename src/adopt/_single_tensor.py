@@ -10,6 +10,9 @@ Per tensor, with ``s`` its number of earlier steps (``state['step']``):
 
 With ``capturable=True`` the ``s == 0`` case is selected arithmetically (``torch.where``) so the
 step has no host synchronisation and no Python branch on tensor values.
+
+With ``seeds`` (``stochastic_rounding=True``), bfloat16/float16 parameters are written back
+with stochastic rounding (:mod:`adopt._rounding`); other dtypes are unaffected.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._random import SR_DTYPES
+from ._rounding import device_key, host_key, write_rounded_, write_rounded_where_
 from .schedules import ClipSchedule
 
 
@@ -42,6 +47,7 @@ def single_tensor_adopt(
     maximize: bool,
     capturable: bool,
     differentiable: bool,
+    seeds: Optional[list[Tensor]] = None,
 ) -> None:
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("the single-tensor path expects unscaled gradients (grad_scale/found_inf are fused-only)")
@@ -70,22 +76,27 @@ def single_tensor_adopt(
         if weight_decay != 0 and not decouple:
             grad = grad.add(param, alpha=weight_decay)
 
+        rounded = seeds is not None and param.dtype in SR_DTYPES
         if capturable:
             _capturable_update(
                 param, grad, exp_avg, exp_avg_sq, step_t, thresholds[i],
                 beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay if decouple else 0.0, eps=eps,
+                key=device_key(seeds[i], step_t) if rounded else None,  # type: ignore[index]
             )
         elif host_steps[i] == 0:
             exp_avg_sq.copy_(grad * grad)
         else:
-            if weight_decay != 0 and decouple:
-                param.mul_(1 - lr * weight_decay)
+            decay = 1 - lr * weight_decay if weight_decay != 0 and decouple else None
+            if decay is not None and not rounded:
+                param.mul_(decay)
             normed = grad / exp_avg_sq.sqrt().clamp(min=eps)
             clip = thresholds[i]
             if clip is not None:
                 normed = normed.clamp(-clip, clip)  # type: ignore[arg-type]
             exp_avg.lerp_(normed, 1 - beta1)
-            if isinstance(lr, Tensor):
+            if rounded:
+                write_rounded_(param, exp_avg, lr, decay, host_key(seeds[i], host_steps[i]))  # type: ignore[index]
+            elif isinstance(lr, Tensor):
                 # Autograd saves the factor for lr's gradient; m changes in place next step.
                 param.sub_((exp_avg.clone() if differentiable else exp_avg) * lr)
             else:
@@ -107,23 +118,28 @@ def _capturable_update(
     lr: Union[float, Tensor],
     weight_decay: float,
     eps: float,
+    key: Optional[Tensor] = None,
 ) -> None:
     """One tensor's update with the first-step rule as ``torch.where``: no sync, no branch.
 
     Each branch does the same arithmetic as the host path, so the two agree bit for bit.
+    ``key``: write the parameter back with stochastic rounding, with this key.
     """
     active = step_t > 0
-    if weight_decay != 0:
+    if weight_decay != 0 and key is None:
         param.copy_(torch.where(active, param * (1 - lr * weight_decay), param))
     normed = grad / exp_avg_sq.sqrt().clamp(min=eps)
     if clip is not None:
         normed = torch.clamp(normed, -clip, clip)  # type: ignore[arg-type]
     # At s == 0 this lerps m towards itself: m is unchanged, and an inf g/eps is never used.
     exp_avg.lerp_(torch.where(active, normed, exp_avg), 1 - beta1)
-    update = torch.where(active, exp_avg, 0)
-    if isinstance(lr, Tensor):
-        param.sub_(update * lr)
+    if key is not None:
+        write_rounded_where_(param, exp_avg, active, lr, weight_decay, key)
     else:
-        param.add_(update, alpha=-lr)
+        update = torch.where(active, exp_avg, 0)
+        if isinstance(lr, Tensor):
+            param.sub_(update * lr)
+        else:
+            param.add_(update, alpha=-lr)
     decayed = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
     exp_avg_sq.copy_(torch.where(active, decayed, grad * grad))

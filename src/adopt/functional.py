@@ -111,11 +111,16 @@ def adopt(
     decouple: bool,
     eps: float,
     maximize: bool,
+    stochastic_rounding: bool = False,
+    seeds: Optional[list[Tensor]] = None,
 ) -> None:
     """Functional API that performs the ADOPT update on lists of tensors, in place.
 
     ``state_steps`` holds each tensor's own step count (0-d tensors); tensors may be at
     different steps. See :class:`adopt.ADOPT` for the algorithm and the arguments.
+    ``stochastic_rounding`` writes float16/bfloat16 parameters back with stochastic rounding;
+    it needs ``seeds``, one int64 0-d tensor per parameter (``state["seed"]``), on the device
+    of its step.
 
     Raises:
         RuntimeError: non-tensor ``state_steps``; ``foreach``/``fused`` under
@@ -132,6 +137,12 @@ def adopt(
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if fused and differentiable:
         raise RuntimeError("`fused` does not support `differentiable`")
+    if stochastic_rounding:
+        if differentiable:
+            raise RuntimeError("stochastic_rounding=True does not support differentiable=True")
+        if seeds is None or len(seeds) != len(params):
+            got = "None" if seeds is None else f"{len(seeds)} seeds"
+            raise ValueError(f"stochastic_rounding=True needs one seed per parameter ({len(params)}), got {got}")
 
     if fused is None and foreach is None:
         path = default_path(params, differentiable, lr, capturable)
@@ -163,4 +174,5 @@ def adopt(
         maximize=maximize,
         capturable=capturable,
         differentiable=differentiable,
+        seeds=seeds if stochastic_rounding else None,
     )

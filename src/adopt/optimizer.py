@@ -11,6 +11,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiab
 
 from ._checks import check_tensors
 from ._fused import fused_cpu_step, fused_cuda_available, fused_supported_dtypes
+from ._random import param_seed
 from .functional import adopt
 from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
@@ -60,6 +61,12 @@ class ADOPT(Optimizer):
             available for every parameter (the C kernel on CPU, Triton on CUDA), unless
             ``foreach`` or ``differentiable`` is set or the step is being compiled; see
             docs/execution-paths.md).
+        stochastic_rounding: write bfloat16/float16 parameters back with stochastic rounding,
+            so that updates below half an ulp are not lost (pure low-precision training);
+            float32/float64 parameters are unaffected (default: False). The random bits are
+            a function of a per-parameter seed (``state["seed"]``), the step and the element,
+            so every path rounds alike and a resumed run equals an uninterrupted one; see
+            docs/low-precision.md.
 
     Example:
         >>> model = torch.nn.Linear(10, 1)
@@ -81,8 +88,10 @@ class ADOPT(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
+        _validate_rounding(stochastic_rounding, differentiable)
         check_schedule(clip_lambda)
         if fused:
             if differentiable:
@@ -100,6 +109,7 @@ class ADOPT(Optimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
         self.clip_lambda = clip_lambda
@@ -116,6 +126,7 @@ class ADOPT(Optimizer):
             group["lr"], group["betas"], group["eps"], group["weight_decay"],
             foreach=group["foreach"], capturable=group["capturable"],
         )
+        _validate_rounding(group["stochastic_rounding"], group["differentiable"])
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the schedule too.
@@ -137,6 +148,7 @@ class ADOPT(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
+            group.setdefault("stochastic_rounding", False)
             on_device = group["capturable"] or group["fused"]
             for p in group["params"]:
                 p_state = self.state.get(p, {})
@@ -256,7 +268,8 @@ class ADOPT(Optimizer):
         return f"param_groups[{g_idx}]['params'][{p_idx}]"
 
     def _prepare(self) -> list[tuple[dict[str, Any], list[list[Tensor]], bool]]:
-        """Every group's tensor lists, all validated before any update runs.
+        """Every group's tensor lists (and, with stochastic rounding, the seeds as a sixth
+        list), all validated before any update runs.
 
         If a group fails validation, state created for earlier groups in this call is
         removed again, so a failed ``step()`` leaves the optimizer as it was.
@@ -272,6 +285,21 @@ class ADOPT(Optimizer):
             for p in list(self.state)[known:]:
                 del self.state[p]
             raise
+        ordinals: Optional[dict[int, int]] = None
+        for group, lists, _ in prepared:
+            if not group["stochastic_rounding"]:
+                continue
+            seeds = []
+            for p in lists[0]:
+                p_state = self.state[p]
+                if "seed" not in p_state:
+                    if ordinals is None:
+                        ordinals = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+                    p_state["seed"] = torch.tensor(
+                        param_seed(ordinals[id(p)]), dtype=torch.int64, device=p_state["step"].device
+                    )
+                seeds.append(p_state["seed"])
+            lists.append(seeds)
         return prepared
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
@@ -298,7 +326,8 @@ class ADOPT(Optimizer):
         if not tried_fused and self._fused_cpu_step():
             return loss
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps), has_complex in self._prepare():
+        for group, lists, has_complex in self._prepare():
+            params, grads, exp_avgs, exp_avg_sqs, state_steps = lists[:5]
             beta1, beta2 = group["betas"]
             adopt(
                 params,
@@ -321,6 +350,8 @@ class ADOPT(Optimizer):
                 decouple=group["decouple"],
                 eps=group["eps"],
                 maximize=group["maximize"],
+                stochastic_rounding=group["stochastic_rounding"],
+                seeds=lists[5] if group["stochastic_rounding"] else None,
             )
         return loss
 
@@ -360,3 +391,11 @@ def _validate_hyperparameters(
             raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={beta!r} (must be in [0, 1))")
     if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < float("inf"):
         raise ValueError(f"Invalid weight_decay value: weight_decay={weight_decay!r}")
+
+
+def _validate_rounding(stochastic_rounding: object, differentiable: bool) -> None:
+    """Raise for a ``stochastic_rounding`` that is not a bool or cannot be honoured."""
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"stochastic_rounding must be True or False, got stochastic_rounding={stochastic_rounding!r}")
+    if stochastic_rounding and differentiable:
+        raise RuntimeError("stochastic_rounding=True does not support differentiable=True")

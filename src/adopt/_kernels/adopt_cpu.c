@@ -98,6 +98,46 @@ ADOPT_INLINE uint16_t f16_store(float f) {
     return (uint16_t)(((u >> 16) & 0x8000u) | mag);
 }
 
+/* ---- stochastic rounding (the rule: adopt/_random.py) ------------------------------- */
+
+#define ADOPT_GOLDEN 0x9E3779B9u
+
+ADOPT_INLINE uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* The key of a tensor's step on the parameter stream (stream 0). */
+ADOPT_INLINE uint32_t param_key(int64_t seed, uint32_t step) { return mix32(mix32((uint32_t)seed) ^ step); }
+
+/* Word of element lo + 2^32 * hi: `key` already holds key ^ mix32(hi). */
+ADOPT_INLINE uint32_t element_word(uint32_t key, uint32_t lo) { return mix32(lo * ADOPT_GOLDEN ^ key); }
+
+ADOPT_INLINE uint16_t bf16_store_sr(float f, uint32_t r) {
+    const uint32_t u = f32_to_bits(f);
+    const uint32_t up = (u + (r & 0xFFFFu)) >> 16;
+    return (uint16_t)select_u32((u & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC0u, up);
+}
+
+ADOPT_INLINE uint16_t f16_store_sr(float f, uint32_t r) {
+    const uint32_t u = f32_to_bits(f);
+    const uint32_t a = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+    /* Normal half range: 13 dropped bits. */
+    const uint32_t normal = ((a + (r & 0x1FFFu)) & ~0x1FFFu) | sign;
+    /* Subnormal range: a fixed step of 2^-24, up with probability frac(|x| * 2^24). */
+    const float scaled = bits_to_f32(a) * 0x1p24f;
+    const float low = floorf(scaled);
+    const float draw = (float)(r >> 8) * 0x1p-24f;
+    const float sub = (low + (draw < scaled - low ? 1.0f : 0.0f)) * 0x1p-24f;
+    const uint32_t y = select_u32(a < 0x38800000u, f32_to_bits(sub) | sign, normal);
+    /* The result is a float16 value (or >= 65536, which becomes inf); NaN rounds to nearest. */
+    return (uint16_t)select_u32(a > 0x7F800000u, f16_store(f), f16_store(bits_to_f32(y)));
+}
+
 ADOPT_INLINE float f32_load(float x) { return x; }
 ADOPT_INLINE float f32_store(float x) { return x; }
 ADOPT_INLINE double f64_load(double x) { return x; }
@@ -117,9 +157,11 @@ typedef struct {
  * first_*:  the tensor's first step, v = g'^2 (p and m are left alone).
  * update_*: every later step; `clip` is +inf when clipping is off, which leaves n as is.
  * g' = g * gscale (+ l2 * p when L2 decay is on); gscale folds AMP unscaling and maximize.
- * `l2_on` is a compile-time constant at every call site, so each variant is its own loop.
+ * `l2_on` and `sr_on` are compile-time constants at every call site, so each variant is its
+ * own loop. With `sr_on` (16-bit types only) p is written back with stochastic rounding from
+ * the stored m, element i of the segment drawing the word of index `base + i` under `key`.
  */
-#define ADOPT_DEFINE_LOOPS(SUF, T, C, LOAD, STORE, SQRT)                                         \
+#define ADOPT_DEFINE_LOOPS(SUF, T, C, LOAD, STORE, STORE_SR, SQRT)                               \
     ADOPT_INLINE void first_##SUF(const T *restrict p, const T *restrict g, T *restrict v,       \
                                    int64_t n, const coef_##C *k, const int l2_on) {               \
         const C gs = k->gscale, l2 = k->l2;                                                       \
@@ -132,7 +174,8 @@ typedef struct {
     }                                                                                             \
     ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
-                                    const int l2_on) {                                            \
+                                    const int l2_on, const int sr_on, const uint32_t key,        \
+                                    const uint32_t base) {                                        \
         const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \
         const C b2 = k->b2, b2c = k->b2c, eps = k->eps, lo = -clip;                               \
         ADOPT_SIMD                                                                                \
@@ -148,16 +191,24 @@ typedef struct {
             u = u > clip ? clip : u;                                                              \
             C mi = LOAD(m[i]);                                                                    \
             mi = mi + b1c * (u - mi);                                                             \
-            p[i] = STORE(pi * decay - lr * mi);                                                   \
-            m[i] = STORE(mi);                                                                     \
+            const T ms = STORE(mi);                                                               \
+            if (sr_on)                                                                            \
+                p[i] = STORE_SR(pi * decay - lr * LOAD(ms), element_word(key, base + (uint32_t)i)); \
+            else                                                                                  \
+                p[i] = STORE(pi * decay - lr * mi);                                               \
+            m[i] = ms;                                                                            \
             v[i] = STORE(b2 * vi + b2c * (gi * gi));                                              \
         }                                                                                         \
     }
 
-ADOPT_DEFINE_LOOPS(f32, float, float, f32_load, f32_store, sqrtf)
-ADOPT_DEFINE_LOOPS(f64, double, double, f64_load, f64_store, sqrt)
-ADOPT_DEFINE_LOOPS(f16, uint16_t, float, f16_load, f16_store, sqrtf)
-ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, sqrtf)
+/* float32/float64 parameters are never rounded stochastically (sr_on is 0 for them). */
+ADOPT_INLINE float f32_store_sr(float x, uint32_t r) { (void)r; return x; }
+ADOPT_INLINE double f64_store_sr(double x, uint32_t r) { (void)r; return x; }
+
+ADOPT_DEFINE_LOOPS(f32, float, float, f32_load, f32_store, f32_store_sr, sqrtf)
+ADOPT_DEFINE_LOOPS(f64, double, double, f64_load, f64_store, f64_store_sr, sqrt)
+ADOPT_DEFINE_LOOPS(f16, uint16_t, float, f16_load, f16_store, f16_store_sr, sqrtf)
+ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, sqrtf)
 
 /* ---- one thread's share ------------------------------------------------------------- */
 
@@ -165,20 +216,39 @@ typedef struct {
     int64_t offset; /* first flat index of the tensor */
     double clip;    /* threshold (+inf: off) */
     int first;      /* step count was 0 */
+    int sr;         /* stochastic rounding of p (16-bit types with seeds) */
+    uint32_t key;   /* its key for this step */
 } tensor_info;
 
-/* Runs one (first|update) x (l2 off|on) variant on elements [b, e) of tensor `i`. */
-#define ADOPT_SEGMENT(SUF, T, C, K)                                                               \
+/* Runs one (first|update) x (l2 off|on) x (nearest|stochastic) variant on elements [b, e) of
+ * tensor `i`; stochastic rounding only where SR_OK (16-bit types), in pieces that do not
+ * cross a multiple of 2^32 elements (the word's high index part is folded into the key). */
+#define ADOPT_SEGMENT(SUF, T, C, K, SR_OK)                                                        \
     do {                                                                                          \
         T *p_ = (T *)a->p[i] + b, *m_ = (T *)a->m[i] + b, *v_ = (T *)a->v[i] + b;                 \
         const T *g_ = (const T *)a->g[i] + b;                                                     \
+        const C clip_ = (C)info[i].clip;                                                          \
         if (info[i].first) {                                                                      \
             if (l2_on) first_##SUF(p_, g_, v_, e - b, &K, 1);                                     \
             else first_##SUF(p_, g_, v_, e - b, &K, 0);                                           \
+        } else if (SR_OK && info[i].sr) {                                                         \
+            for (int64_t s_ = b; s_ < e;) {                                                       \
+                const int64_t stop_ = ((s_ >> 32) + 1) << 32;                                     \
+                const int64_t t_ = e < stop_ ? e : stop_;                                         \
+                const uint32_t key_ = info[i].key ^ mix32((uint32_t)(s_ >> 32));                  \
+                const int64_t o_ = s_ - b;                                                        \
+                if (l2_on)                                                                        \
+                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, &K, clip_, 1, 1, key_, \
+                                 (uint32_t)s_);                                                   \
+                else                                                                              \
+                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, &K, clip_, 0, 1, key_, \
+                                 (uint32_t)s_);                                                   \
+                s_ = t_;                                                                          \
+            }                                                                                     \
         } else if (l2_on) {                                                                       \
-            update_##SUF(p_, g_, m_, v_, e - b, &K, (C)info[i].clip, 1);                          \
+            update_##SUF(p_, g_, m_, v_, e - b, &K, clip_, 1, 0, 0u, 0u);                         \
         } else {                                                                                  \
-            update_##SUF(p_, g_, m_, v_, e - b, &K, (C)info[i].clip, 0);                          \
+            update_##SUF(p_, g_, m_, v_, e - b, &K, clip_, 0, 0, 0u, 0u);                         \
         }                                                                                         \
     } while (0)
 
@@ -223,10 +293,10 @@ static void process_range(const adopt_cpu_args *a, const tensor_info *info, int6
         const int64_t e = (hi < stop ? hi : stop) - start;
         if (e <= b) continue;
         switch (a->dtype) {
-        case ADOPT_F32: ADOPT_SEGMENT(f32, float, float, kf); break;
-        case ADOPT_F64: ADOPT_SEGMENT(f64, double, double, kd); break;
-        case ADOPT_F16: ADOPT_SEGMENT(f16, uint16_t, float, kf); break;
-        case ADOPT_BF16: ADOPT_SEGMENT(bf16, uint16_t, float, kf); break;
+        case ADOPT_F32: ADOPT_SEGMENT(f32, float, float, kf, 0); break;
+        case ADOPT_F64: ADOPT_SEGMENT(f64, double, double, kd, 0); break;
+        case ADOPT_F16: ADOPT_SEGMENT(f16, uint16_t, float, kf, 1); break;
+        case ADOPT_BF16: ADOPT_SEGMENT(bf16, uint16_t, float, kf, 1); break;
         }
     }
 }
@@ -278,10 +348,13 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
     int64_t total = 0;
     float last_s = -1.0f;
     double last_c = 0.0;
+    const int sr = a->seed != NULL && (a->dtype == ADOPT_F16 || a->dtype == ADOPT_BF16);
     for (int64_t i = 0; i < n; i++) {
         const float s = *a->step[i];
         info[i].offset = total;
         info[i].first = s == 0.0f;
+        info[i].sr = sr;
+        info[i].key = sr ? param_key(*a->seed[i], (uint32_t)s) : 0u;
         switch (a->clip_mode) {
         case ADOPT_CLIP_TABLE: info[i].clip = a->clip_table[i]; break;
         case ADOPT_CLIP_POWER:
@@ -298,6 +371,8 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
     info[n].offset = total;
     info[n].clip = INFINITY;
     info[n].first = 0;
+    info[n].sr = 0;
+    info[n].key = 0u;
 
     int nt = threads_for(total, a->num_threads);
 #ifdef _OPENMP
@@ -334,6 +409,14 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
     free(info);
     return 0;
 }
+
+uint32_t adopt_random_bits(int64_t seed, uint32_t step, int64_t index) {
+    return element_word(param_key(seed, step) ^ mix32((uint32_t)((uint64_t)index >> 32)), (uint32_t)index);
+}
+
+uint16_t adopt_bf16_round_stochastic(float x, uint32_t r) { return bf16_store_sr(x, r); }
+
+uint16_t adopt_f16_round_stochastic(float x, uint32_t r) { return f16_store_sr(x, r); }
 
 int adopt_cpu_has_openmp(void) {
 #ifdef _OPENMP

@@ -35,6 +35,8 @@ typedef struct {
     void *const *v;          /* exp_avg_sq, updated in place */
     const int64_t *numel;    /* elements per tensor (real elements for complex views) */
     float *const *step;      /* per-tensor step counters (float32), incremented */
+    const int64_t *const *seed; /* per-tensor seeds: float16/bfloat16 params are written back
+                                 * with stochastic rounding (adopt/_random.py); NULL: nearest */
     adopt_dtype dtype;
     adopt_clip_mode clip_mode;
     const double *clip_table; /* n_tensors entries, for ADOPT_CLIP_TABLE */
@@ -53,6 +55,12 @@ int adopt_cpu_step(const adopt_cpu_args *args);
 
 /* Nonzero when the library was compiled with OpenMP. */
 int adopt_cpu_has_openmp(void);
+
+/* The random word of element `index` for a tensor with `seed` at step count `step`, and the
+ * stochastic rounding of float32 `x` with word `r`: what the kernel uses, for tests. */
+uint32_t adopt_random_bits(int64_t seed, uint32_t step, int64_t index);
+uint16_t adopt_bf16_round_stochastic(float x, uint32_t r);
+uint16_t adopt_f16_round_stochastic(float x, uint32_t r);
 
 #ifdef __cplusplus
 }

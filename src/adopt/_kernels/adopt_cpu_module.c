@@ -71,7 +71,7 @@ static const int64_t itemsizes[N_DTYPES] = {4, 8, 2, 2};
 static PyTypeObject *tensor_base_type;
 static PyObject *disabled_dispatch, *str_torch_dispatch, *attr_grad;
 /* The keys of a parameter's state dict. */
-static PyObject *str_exp_avg, *str_exp_avg_sq, *str_step;
+static PyObject *str_exp_avg, *str_exp_avg_sq, *str_step, *str_seed;
 /* torch._C._increment_version: the kernel writes parameters through their data pointers,
  * which autograd does not see, so each call bumps their version counters as an in-place
  * torch op would (a backward through a graph that saved a parameter before the step then
@@ -116,7 +116,7 @@ static struct {
 } shim;
 
 /* torch's codes for the kernel's dtypes (adopt_dtype order), the CPU and the strided layout. */
-static int32_t dtype_codes[N_DTYPES], cpu_code, strided_code;
+static int32_t dtype_codes[N_DTYPES], cpu_code, strided_code, int64_code;
 
 /* Where a Python tensor keeps its at::Tensor: right after the object header (torch >= 2.10
  * stores it there), or only reachable as the TensorImpl* that `_cdata` returns (an at::Tensor
@@ -182,6 +182,7 @@ static size_t (*shim_element_size)(int32_t); /* optional */
 static int64_t itemsize_of(int32_t code) {
     const int k = dtype_index(code);
     if (k < N_DTYPES) return itemsizes[k];
+    if (code == int64_code) return 8;
     return shim_element_size == NULL ? 0 : (int64_t)shim_element_size(code);
 }
 
@@ -260,6 +261,19 @@ static int float_buffer(PyObject *t, const char *name, float **out) {
     return buffer_of(t, ADOPT_F32, 1, name, (void **)out);
 }
 
+/* Pointer of a one-element int64 CPU tensor (a stochastic-rounding seed), else ValueError. */
+static int seed_buffer(PyObject *t, Py_ssize_t i, int64_t **out) {
+    meta_t m;
+    const int rc = read_meta(t, 1, &m);
+    if (rc < 0) return -1;
+    if (rc > 0 || m.dtype != int64_code || m.device_type != cpu_code || m.numel != 1 || !m.in_bounds) {
+        PyErr_Format(PyExc_ValueError, "seeds[%zd] must be a one-element int64 CPU tensor", i);
+        return -1;
+    }
+    *out = (int64_t *)m.data;
+    return 0;
+}
+
 /* ---- binding the shim at import ---------------------------------------------------------- */
 
 #ifdef _WIN32
@@ -336,9 +350,10 @@ static int bind_shim(PyObject *torch) {
     memcpy(&shim_element_size, &element_size, sizeof(void *));
     static const char *const codes[] = {"aoti_torch_dtype_float32", "aoti_torch_dtype_float64",
                                         "aoti_torch_dtype_float16", "aoti_torch_dtype_bfloat16",
-                                        "aoti_torch_device_type_cpu", "aoti_torch_layout_strided"};
-    int32_t values[6];
-    for (int i = 0; i < 6; i++) {
+                                        "aoti_torch_device_type_cpu", "aoti_torch_layout_strided",
+                                        "aoti_torch_dtype_int64"};
+    int32_t values[7];
+    for (int i = 0; i < 7; i++) {
         void *f = find_symbol(lib, codes[i]);
         int32_t (*code)(void);
         if (f == NULL) {
@@ -352,6 +367,7 @@ static int bind_shim(PyObject *torch) {
     memcpy(dtype_codes, values, sizeof dtype_codes);
     cpu_code = values[4];
     strided_code = shim.layout == NULL ? 0 : values[5];
+    int64_code = values[6];
     return 0;
 }
 
@@ -645,6 +661,7 @@ typedef struct {
     void **ptrs;     /* N_LISTS * n data pointers, list-major */
     int64_t *numel;  /* n element counts */
     meta_t *params;  /* n param metadata (shapes the other lists must have) */
+    int64_t **seeds; /* n stochastic-rounding seed pointers, or NULL: round to nearest */
 } table_t;
 
 static int table_alloc(table_t *t, Py_ssize_t n) {
@@ -654,6 +671,7 @@ static int table_alloc(table_t *t, Py_ssize_t n) {
     t->ptrs = (void **)malloc((size_t)n * N_LISTS * sizeof(void *));
     t->numel = (int64_t *)malloc((size_t)n * sizeof(int64_t));
     t->params = (meta_t *)malloc((size_t)n * sizeof(meta_t));
+    t->seeds = NULL;
     if (t->ptrs == NULL || t->numel == NULL || t->params == NULL) {
         free(t->ptrs);
         free(t->numel);
@@ -668,6 +686,8 @@ static int table_alloc(table_t *t, Py_ssize_t n) {
 }
 
 static void table_free(table_t *t) {
+    free(t->seeds);
+    t->seeds = NULL;
     free(t->ptrs);
     free(t->numel);
     free(t->params);
@@ -829,10 +849,11 @@ static int check_overlaps(table_t *t) {
 /*
  * Validates the lists (n > 0 entries each) into `table`, allocated here: params of one
  * kernel dtype, every tensor a contiguous CPU tensor whose storage holds it, of its param's
- * dtype and shape; steps float32 CPU scalars; no memory shared within a param. Returns a
- * status (NEEDS_* without an exception) or -1.
+ * dtype and shape; steps float32 CPU scalars; no memory shared within a param; `seeds`
+ * (NULL, or n objects: stochastic rounding) one-element int64 CPU tensors, read before the
+ * kernel writes anything. Returns a status (NEEDS_* without an exception) or -1.
  */
-static int validate(PyObject **items[N_LISTS], Py_ssize_t n, table_t *t) {
+static int validate(PyObject **items[N_LISTS], PyObject *const *seeds, Py_ssize_t n, table_t *t) {
     if (table_alloc(t, n) < 0) return -1;
     for (int l = 0; l < N_LISTS; l++) prefetch_tensors(items[l], n);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -844,6 +865,15 @@ static int validate(PyObject **items[N_LISTS], Py_ssize_t n, table_t *t) {
             const int status = check_entry(items, l, i, t);
             if (status != STATUS_DONE) return status;
         }
+    }
+    if (seeds != NULL) {
+        t->seeds = (int64_t **)malloc((size_t)n * sizeof(int64_t *));
+        if (t->seeds == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (seed_buffer(seeds[i], i, &t->seeds[i]) < 0) return -1;
     }
     return check_overlaps(t) < 0 ? -1 : STATUS_DONE;
 }
@@ -897,6 +927,7 @@ static adopt_cpu_args kernel_args(const table_t *t, const hyper_t *h, const doub
         .v = t->ptrs + 3 * n,
         .numel = t->numel,
         .step = (float *const *)(t->ptrs + 4 * n),
+        .seed = (const int64_t *const *)t->seeds,
         .dtype = (adopt_dtype)t->dtype,
         .clip_mode = (adopt_clip_mode)h->clip_mode,
         .clip_table = clip_table,
@@ -926,15 +957,16 @@ static int amp_scalar(PyObject *t, const char *name, const float **out) {
 PyDoc_STRVAR(step_doc,
              "step(params, grads, exp_avgs, exp_avg_sqs, state_steps, clip_table, grad_scale,\n"
              "     found_inf, lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode,\n"
-             "     decouple, maximize, num_threads, dry_run) -> int\n\n"
+             "     decouple, maximize, num_threads, dry_run, seeds) -> int\n\n"
              "One fused ADOPT step over CPU tensors of one dtype (float32/64, float16, "
              "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS / NEEDS_UNWRAP without "
              "changing anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
              "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). dry_run: "
-             "validate only\n(same result, nothing runs).");
+             "validate only\n(same result, nothing runs). seeds: None (round to nearest) or one int64\n"
+             "CPU scalar per tensor: float16/bfloat16 params are written with stochastic rounding.");
 
-/* Positional arguments of step(): 8 objects, then the hyperparameters, then 2 ints. */
-#define STEP_NARGS 19
+/* Positional arguments of step(): 8 objects, the hyperparameters, 2 ints, the seeds. */
+#define STEP_NARGS 20
 
 /* Snapshots of the 5 lists (new tuples in lists[], their items in items[]), all of one
  * length *n. Runs Python code (iteration). Returns 0 or -1. */
@@ -963,8 +995,8 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyObject *clip_table = args[5], *grad_scale = args[6], *found_inf = args[7];
     PyObject *lists[N_LISTS] = {NULL, NULL, NULL, NULL, NULL};
     PyObject **items[N_LISTS];
-    table_t table = {0, -1, 0, NULL, NULL, NULL};
-    PyObject *result = NULL;
+    table_t table = {0, -1, 0, NULL, NULL, NULL, NULL};
+    PyObject *result = NULL, *seeds = NULL;
     Py_ssize_t n = 0;
     hyper_t h;
     int num_threads, dry_run;
@@ -972,6 +1004,14 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (hyper_args(args + 8, &h) || int_arg(args, 17, &num_threads) || bool_arg(args, 18, &dry_run) ||
         snapshot_lists(args, lists, items, &n) < 0 || (!dry_run && n > 0 && bump_versions(lists[0]) < 0))
         goto done;
+    if (args[19] != Py_None) {
+        seeds = PySequence_Tuple(args[19]);
+        if (seeds == NULL) goto done;
+        if (PyTuple_GET_SIZE(seeds) != n) {
+            PyErr_Format(PyExc_ValueError, "seeds has %zd entries but params has %zd", PyTuple_GET_SIZE(seeds), n);
+            goto done;
+        }
+    }
     if (n == 0) {
         result = PyLong_FromLong(STATUS_DONE);
         goto done;
@@ -985,7 +1025,7 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         }
     }
     /* Phase 2: no Python code runs from here until the kernel has returned. */
-    const int status = validate(items, n, &table);
+    const int status = validate(items, seeds == NULL ? NULL : &PyTuple_GET_ITEM(seeds, 0), n, &table);
     if (status < 0) goto done;
     if (status != STATUS_DONE) {
         result = PyLong_FromLong(status);
@@ -1009,23 +1049,28 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 done:
     table_free(&table);
+    Py_XDECREF(seeds);
     for (int l = 0; l < N_LISTS; l++) Py_XDECREF(lists[l]);
     return result;
 }
 
 /* ---- step_groups() ----------------------------------------------------------------------- */
 
-/* One param group of step_groups(): its gathered tensors (new references, N_LISTS * cap,
- * list l at objs + l * cap, the first n used), their validated table, its hyperparameters. */
+/* One param group of step_groups(): its gathered tensors (new references, (N_LISTS + 1) * cap,
+ * list l at objs + l * cap, the first n used; list N_LISTS holds the seeds when `rounded`),
+ * their validated table, its hyperparameters. */
 typedef struct {
     PyObject **objs;
     Py_ssize_t cap, n;
     table_t table;
     hyper_t hyper;
+    int rounded; /* stochastic rounding: each state's "seed" is gathered too */
 } group_t;
 
+static int gathered_lists(const group_t *g) { return g->rounded ? N_LISTS + 1 : N_LISTS; }
+
 static void group_free(group_t *g) {
-    for (int l = 0; l < N_LISTS && g->objs != NULL; l++)
+    for (int l = 0; l < gathered_lists(g) && g->objs != NULL; l++)
         for (Py_ssize_t i = 0; i < g->n; i++) Py_DECREF(g->objs[l * g->cap + i]);
     free(g->objs);
     g->objs = NULL;
@@ -1068,7 +1113,7 @@ static int gather(PyObject *params, PyObject *state, Py_ssize_t *pos, group_t *g
     PyObject *snapshot = PySequence_Tuple(params);
     if (snapshot == NULL) return -1;
     g->cap = PyTuple_GET_SIZE(snapshot);
-    g->objs = (PyObject **)malloc(((size_t)g->cap * N_LISTS + 1) * sizeof(PyObject *));
+    g->objs = (PyObject **)malloc(((size_t)g->cap * (N_LISTS + 1) + 1) * sizeof(PyObject *));
     if (g->objs == NULL) {
         Py_DECREF(snapshot);
         PyErr_NoMemory();
@@ -1078,7 +1123,7 @@ static int gather(PyObject *params, PyObject *state, Py_ssize_t *pos, group_t *g
     int status = STATUS_DONE;
     for (Py_ssize_t i = 0; i < g->cap && status == STATUS_DONE; i++) {
         PyObject *p = PyTuple_GET_ITEM(snapshot, i);
-        PyObject *entry[N_LISTS] = {p, NULL, NULL, NULL, NULL};
+        PyObject *entry[N_LISTS + 1] = {p, NULL, NULL, NULL, NULL, NULL};
         entry[1] = Py_TYPE(attr_grad)->tp_descr_get(attr_grad, p, (PyObject *)Py_TYPE(p));
         if (entry[1] == NULL) {
             status = -1;
@@ -1094,14 +1139,16 @@ static int gather(PyObject *params, PyObject *state, Py_ssize_t *pos, group_t *g
             entry[2] = state_entry(p_state, str_exp_avg);
             entry[3] = entry[2] == NULL ? NULL : state_entry(p_state, str_exp_avg_sq);
             entry[4] = entry[3] == NULL ? NULL : state_entry(p_state, str_step);
+            if (g->rounded) entry[5] = entry[4] == NULL ? NULL : state_entry(p_state, str_seed);
         }
         Py_XDECREF(p_state);
-        if (entry[4] == NULL) {
-            for (int l = 1; l < N_LISTS; l++) Py_XDECREF(entry[l]);
+        const int lists = gathered_lists(g);
+        if (entry[lists - 1] == NULL) {
+            for (int l = 1; l < lists; l++) Py_XDECREF(entry[l]);
             status = PyErr_Occurred() ? -1 : STATUS_DECLINED;
             break;
         }
-        for (int l = 0; l < N_LISTS; l++) g->objs[l * g->cap + g->n] = l == 0 ? Py_NewRef(p) : entry[l];
+        for (int l = 0; l < lists; l++) g->objs[l * g->cap + g->n] = l == 0 ? Py_NewRef(p) : entry[l];
         g->n++;
     }
     Py_DECREF(snapshot);
@@ -1111,21 +1158,22 @@ static int gather(PyObject *params, PyObject *state, Py_ssize_t *pos, group_t *g
 PyDoc_STRVAR(step_groups_doc,
              "step_groups(groups, state, grad_scale, found_inf, num_threads) -> int\n\n"
              "One fused step of an optimizer's param groups. Each group is a tuple (params, lr,\n"
-             "beta1, beta2, weight_decay, eps, clip_exponent, clip_mode, decouple, maximize);\n"
-             "state maps each param to its dict of exp_avg, exp_avg_sq and step. Returns DONE\n"
+             "beta1, beta2, weight_decay, eps, clip_exponent, clip_mode, decouple, maximize,\n"
+             "stochastic_rounding); state maps each param to its dict of exp_avg, exp_avg_sq and\n"
+             "step (and seed, with stochastic_rounding). Returns DONE\n"
              "once every group is updated, or DECLINED, having changed nothing, whenever the\n"
              "general path must run instead (a param without state, a tensor this kernel does\n"
              "not take, or any error, which the general path then reports).");
 
-#define GROUP_FIELDS 10
+#define GROUP_FIELDS 11
 
 static int gather_group(PyObject *spec, PyObject *state, Py_ssize_t *pos, group_t *g) {
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != GROUP_FIELDS) {
-        PyErr_SetString(PyExc_TypeError, "each group must be a tuple of 10 fields");
+        PyErr_SetString(PyExc_TypeError, "each group must be a tuple of 11 fields");
         return -1;
     }
     PyObject *const *fields = &PyTuple_GET_ITEM(spec, 0);
-    if (hyper_args(fields + 1, &g->hyper) < 0) return -1;
+    if (hyper_args(fields + 1, &g->hyper) < 0 || bool_arg(fields, 10, &g->rounded) < 0) return -1;
     return gather(fields[0], state, pos, g);
 }
 
@@ -1133,7 +1181,7 @@ static int validate_group(group_t *g) {
     if (g->n == 0) return STATUS_DONE;
     PyObject **items[N_LISTS];
     for (int l = 0; l < N_LISTS; l++) items[l] = g->objs + l * g->cap;
-    const int status = validate(items, g->n, &g->table);
+    const int status = validate(items, g->rounded ? g->objs + N_LISTS * g->cap : NULL, g->n, &g->table);
     return status == STATUS_DONE || status < 0 ? status : STATUS_DECLINED;
 }
 
@@ -1268,6 +1316,30 @@ static PyObject *py_host_steps(PyObject *self, PyObject *steps) {
     return out;
 }
 
+/* ---- the kernel's random bits and rounding, for tests ------------------------------------ */
+
+static PyObject *py_random_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "random_bits() takes 3 arguments (%zd given)", nargs);
+    const long long seed = PyLong_AsLongLong(args[0]);
+    const unsigned long step = PyLong_AsUnsignedLongMask(args[1]);
+    const long long index = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLong(adopt_random_bits(seed, (uint32_t)step, index));
+}
+
+static PyObject *py_round_stochastic(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "round_stochastic() takes 3 arguments (%zd given)", nargs);
+    const double x = PyFloat_AsDouble(args[0]);
+    const unsigned long r = PyLong_AsUnsignedLongMask(args[1]);
+    const int half = PyObject_IsTrue(args[2]);
+    if (PyErr_Occurred() || half < 0) return NULL;
+    const uint16_t out = half ? adopt_f16_round_stochastic((float)x, (uint32_t)r)
+                              : adopt_bf16_round_stochastic((float)x, (uint32_t)r);
+    return PyLong_FromLong(out);
+}
+
 static PyObject *py_has_openmp(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -1292,6 +1364,11 @@ static PyMethodDef methods[] = {
     {"check_lists", (PyCFunction)(void (*)(void))py_check_lists, METH_FASTCALL, check_lists_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
+    {"random_bits", (PyCFunction)(void (*)(void))py_random_bits, METH_FASTCALL,
+     "random_bits(seed, step, index) -> int: the kernel's random word of one element."},
+    {"round_stochastic", (PyCFunction)(void (*)(void))py_round_stochastic, METH_FASTCALL,
+     "round_stochastic(x, word, float16) -> int: the kernel's stochastic rounding of float32 x to\n"
+     "bfloat16 (float16=False) or float16 bits."},
     {"neg_view_detection", py_neg_view_detection, METH_NOARGS,
      "How negated views are recognised: 'bit' (a flag found in the TensorImpl at import) or 'is_neg'."},
     {"tensor_access", py_tensor_access, METH_NOARGS,
@@ -1322,6 +1399,7 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
              (str_exp_avg = PyUnicode_InternFromString("exp_avg")) != NULL &&
              (str_exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq")) != NULL &&
              (str_step = PyUnicode_InternFromString("step")) != NULL &&
+             (str_seed = PyUnicode_InternFromString("seed")) != NULL &&
              (str_is_neg = PyUnicode_InternFromString("is_neg")) != NULL;
     if (ok) tensor_base_type = (PyTypeObject *)Py_NewRef(base);
     Py_XDECREF(base);

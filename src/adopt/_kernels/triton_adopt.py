@@ -19,6 +19,10 @@ Design
   that completes a tensor writes ``step + 1`` and resets the counter to zero, so no program
   of that tensor can still be reading the old step, and the buffer is ready for the next
   launch or graph replay. When ``found_inf`` is nonzero nothing is loaded or stored.
+* **Stochastic rounding** (``seeds`` given, float16/bfloat16 only): the parameter is written
+  back with the counter-based rounding of ``adopt/_random.py``, from the stored momentum and
+  with FP contraction off for that launch, as the C kernel computes it. A chunk never
+  crosses a multiple of 2**32 elements, so the high index part is one word per program.
 * **Blocks.** 8 warps per program and 8 elements of each stream per thread (2048 fp32 or
   fp16/bf16 elements, 1024 fp64): two 16-byte vector loads per stream per thread for fp32,
   about 80 registers, so three programs share an SM and one's table lookups hide behind the
@@ -77,6 +81,33 @@ if triton is not None:
         return ptr
 
     @triton.jit
+    def _mix32(x):
+        """The 32-bit hash of adopt/_random.py on uint32 values (arithmetic modulo 2**32)."""
+        x = x ^ (x >> 16)
+        x = x * tl.full((), 0x7FEB352D, tl.uint32)
+        x = x ^ (x >> 15)
+        x = x * tl.full((), 0x846CA68B, tl.uint32)
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _round_stochastic(x, r, DTYPE: tl.constexpr):
+        """float32 ``x`` to DTYPE (bfloat16 or float16) with the random words ``r``."""
+        u = x.to(tl.uint32, bitcast=True)
+        a = u & 0x7FFFFFFF
+        nan = a > 0x7F800000
+        if DTYPE == tl.bfloat16:
+            up = ((u + (r & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            sign = u & 0x80000000
+            normal = ((a + (r & 0x1FFF)) & 0xFFFFE000) | sign
+            scaled = a.to(tl.float32, bitcast=True) * 16777216.0
+            low = tl.floor(scaled)
+            draw = (r >> 8).to(tl.float32) * 5.9604644775390625e-08
+            sub = (low + tl.where(draw < scaled - low, 1.0, 0.0)) * 5.9604644775390625e-08
+            up = tl.where(a < 0x38800000, sub.to(tl.uint32, bitcast=True) | sign, normal).to(tl.float32, bitcast=True)
+        return tl.where(nan, x, up).to(DTYPE)
+
+    @triton.jit
     def _grad(g_ptr, offs, mask, inv_scale, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr):
         """Load g in the compute dtype, unscaled and negated as asked."""
         g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
@@ -97,9 +128,11 @@ if triton is not None:
 
     @triton.jit
     def _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, inv_scale, lr, wd, decay,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, clip,
-                    COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr):
-        """s >= 1: normalise by the old v, clip, update m and p, then v."""
+                    one_minus_beta1, beta2, one_minus_beta2, eps, clip, key,
+                    COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+                    ROUNDED: tl.constexpr):
+        """s >= 1: normalise by the old v, clip, update m and p, then v. ROUNDED: p written
+        back with stochastic rounding under ``key`` (offsets' high part folded into it)."""
         g = _grad(g_ptr, offs, mask, inv_scale, COMPUTE, MAXIMIZE)
         p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
         m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
@@ -117,20 +150,27 @@ if triton is not None:
         if clip is not None:
             n = tl.where(n > clip, clip, tl.where(n < -clip, -clip, n))
         m = m + one_minus_beta1 * (n - m)
-        p = p - lr * m
         v = beta2 * v + one_minus_beta2 * (g * g)
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        if ROUNDED:
+            m_stored = m.to(m_ptr.dtype.element_ty)
+            p = p - lr * m_stored.to(COMPUTE)
+            r = _mix32(offs.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32) ^ key)
+            tl.store(p_ptr + offs, _round_stochastic(p, r, p_ptr.dtype.element_ty), mask=mask)
+            tl.store(m_ptr + offs, m_stored, mask=mask)
+        else:
+            p = p - lr * m
+            tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+            tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _adopt_kernel(
-        rows_ptr, blocks_ptr, counters_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, thresholds_ptr,
+        rows_ptr, blocks_ptr, counters_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, thresholds_ptr, seeds_ptr,
         lr_value: tl.float64, beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64,
         eps: tl.float64, clip_exponent: tl.float64,
         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, WD_MODE: tl.constexpr,
         CLIP_MODE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-        ROW: tl.constexpr,
+        ROW: tl.constexpr, ROUNDED: tl.constexpr,
     ):
         """One program per (tensor, chunk) pair of the block map; see the module docstring."""
         pid = tl.program_id(0)
@@ -191,16 +231,22 @@ if triton is not None:
                 b2 = tl.full((), beta2, COMPUTE)
                 one_minus_b2 = tl.full((), 1.0 - beta2, COMPUTE)
                 eps_c = tl.full((), eps, COMPUTE)
+                if ROUNDED:
+                    # key = mix32(mix32(seed) ^ s) ^ mix32(high 32 bits of this chunk's offsets)
+                    seed = (tl.load(seeds_ptr + t) & 0xFFFFFFFF).to(tl.uint32)
+                    key = _mix32(_mix32(seed) ^ step.to(tl.uint32)) ^ _mix32((start >> 32).to(tl.uint32))
+                else:
+                    key = None
                 if full:
                     _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, lr, wd, decay,
-                                one_minus_b1, b2, one_minus_b2, eps_c, clip, COMPUTE, MAXIMIZE,
-                                WD_MODE)
+                                one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE, MAXIMIZE,
+                                WD_MODE, ROUNDED)
                 else:
                     for sub in tl.range(0, BLOCK, TAIL):
                         o = start + sub + tl.arange(0, TAIL)
                         _later_step(p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, inv_scale, lr, wd,
-                                    decay, one_minus_b1, b2, one_minus_b2, eps_c, clip, COMPUTE,
-                                    MAXIMIZE, WD_MODE)
+                                    decay, one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE,
+                                    MAXIMIZE, WD_MODE, ROUNDED)
 
             # Every thread of this program has read the old step before the release below.
             tl.debug_barrier()
@@ -369,14 +415,17 @@ def launch_group(
     decouple: bool,
     eps: float,
     maximize: bool,
+    seeds: Optional[Tensor] = None,
 ) -> None:
     """Apply one ADOPT step to a same-device, same-dtype group of contiguous tensors in place.
 
     ``clip`` is ``None``, ``("power", exponent)`` (threshold ``s ** exponent`` from each
     tensor's step, computed in the kernel) or ``("tensor", thresholds)`` (a 1-d device
     tensor, one per tensor). ``lr``, ``grad_scale`` and ``found_inf`` may be device tensors;
-    ``state_steps`` (float32, on the device) are read and incremented by the kernel. Nothing
-    synchronises with the host, so the call can be captured in a CUDA graph.
+    ``state_steps`` (float32, on the device) are read and incremented by the kernel.
+    ``seeds`` (int64 on the device, one per tensor): write float16/bfloat16 params back with
+    stochastic rounding. Nothing synchronises with the host, so the call can be captured in a
+    CUDA graph.
 
     Raises:
         RuntimeError: triton is missing, or the device does not suit the interpreter setting.
@@ -422,18 +471,20 @@ def launch_group(
     else:
         wd_mode = _WD_DECOUPLED if decouple else _WD_L2
     compute = tl.float64 if dtype == torch.float64 else tl.float32
+    rounded = seeds is not None and dtype in (torch.float16, torch.bfloat16)
 
     args = (
         plan.rows, plan.blocks, plan.counters, lr_ptr,
         None if grad_scale is None else _on(device, "grad_scale", grad_scale),
         None if found_inf is None else _on(device, "found_inf", found_inf),
         thresholds,
+        _on(device, "seeds", seeds, count) if rounded else None,
         lr_value, float(beta1), float(beta2), float(weight_decay), float(eps), exponent,
     )
     meta = dict(
         DTYPE=_TL_DTYPES[dtype], COMPUTE=compute, ALIGNED=plan.aligned, WD_MODE=wd_mode,
         CLIP_MODE=clip_mode, MAXIMIZE=bool(maximize), BLOCK=block, TAIL=block // _TAIL_SPLIT,
-        ROW=_ROW, num_warps=_NUM_WARPS, enable_fp_fusion=True,
+        ROW=_ROW, ROUNDED=rounded, num_warps=_NUM_WARPS, enable_fp_fusion=not rounded,
     )
     # triton launches on the current CUDA device; make it the tensors' one
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
