@@ -104,14 +104,21 @@ def foreach_adopt(
     l2 = weight_decay if weight_decay != 0 and not decouple else 0.0
     decoupled_wd = weight_decay if decouple else 0.0
     for group, counts, clip in zip(groups, host_steps, clips):
-        rounded = group.seeds is not None and group.params[0].dtype in SR_DTYPES
+        # Under torch.compile one group may hold several dtypes: keys only for 16-bit tensors.
+        rounded = group.seeds is not None and any(p.dtype in SR_DTYPES for p in group.params)
         if capturable:
-            keys = [device_key(*pair) for pair in zip(group.seeds, group.steps)] if rounded else None  # type: ignore[arg-type]
+            keys = [
+                device_key(seed, step) if p.dtype in SR_DTYPES else None
+                for p, seed, step in zip(group.params, group.seeds, group.steps)  # type: ignore[arg-type]
+            ] if rounded else None
             _capturable_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
                               cast(Optional[Tensor], clip), beta1=beta1, beta2=beta2, lr=lr, l2=l2,
                               weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=keys)
         else:
-            host_keys = [host_key(*pair) for pair in zip(group.seeds, counts)] if rounded else None  # type: ignore[arg-type]
+            host_keys = [
+                host_key(seed, count) if p.dtype in SR_DTYPES else None
+                for p, seed, count in zip(group.params, group.seeds, counts)  # type: ignore[arg-type]
+            ] if rounded else None
             _host_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, counts,
                         cast(Optional[list[float]], clip), beta1=beta1, beta2=beta2, lr=cast(float, lr),
                         l2=l2, weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=host_keys)
@@ -137,13 +144,13 @@ def _host_group(
     weight_decay: float,
     eps: float,
     maximize: bool,
-    keys: Optional[list[int]] = None,
+    keys: Optional[list[Optional[int]]] = None,
 ) -> None:
     """The rule with the first-step/update split done on the host; ``weight_decay`` is decoupled.
 
     Temporaries alive at once, in chunk-sized lists: ``sqrt(v)`` and ``g / sqrt(v)``, plus the
-    decayed gradients with L2 decay; with ``keys`` (stochastic rounding, one key per tensor)
-    also the float32 parameter values and updates of the chunk.
+    decayed gradients with L2 decay; with ``keys`` (stochastic rounding: one key per tensor,
+    None for a tensor rounded to nearest) also the float32 parameter values and updates.
     """
     first = [i for i, s in enumerate(host_steps) if s == 0]
     if first:
@@ -183,7 +190,13 @@ def _host_group(
         else:
             decay = 1 - lr * weight_decay if weight_decay != 0 else None
             for p_i, m_i, j in zip(p, m, _pick(range(len(params)), idx)):
-                write_rounded_(p_i, m_i, lr, decay, keys[j], _offset(p_i, params[j]))
+                key = keys[j]
+                if key is not None:
+                    write_rounded_(p_i, m_i, lr, decay, key, _offset(p_i, params[j]))
+                    continue
+                if decay is not None:
+                    p_i.mul_(decay)
+                p_i.add_(m_i, alpha=-lr)
         _scale_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         del g  # before the next chunk allocates its own
@@ -204,7 +217,7 @@ def _capturable_group(
     weight_decay: float,
     eps: float,
     maximize: bool,
-    keys: Optional[list[Tensor]] = None,
+    keys: Optional[list[Optional[Tensor]]] = None,
 ) -> None:
     """Same rule with per-tensor masks in place of the host split: no sync, no branch.
 
@@ -239,7 +252,17 @@ def _capturable_group(
         if keys is not None:
             # One tensor at a time, as the single-tensor path computes it.
             for p_i, m_i, a_i, j in zip(p, m, a, _pick(range(len(params)), idx)):
-                write_rounded_where_(p_i, m_i, a_i, lr, weight_decay, keys[j], _offset(p_i, params[j]))
+                key = keys[j]
+                if key is not None:
+                    write_rounded_where_(p_i, m_i, a_i, lr, weight_decay, key, _offset(p_i, params[j]))
+                    continue
+                if weight_decay != 0:
+                    p_i.copy_(torch.where(a_i, p_i * (1 - lr * weight_decay), p_i))
+                update = torch.where(a_i, m_i, 0)
+                if isinstance(lr, Tensor):
+                    p_i.sub_(update * lr)
+                else:
+                    p_i.add_(update, alpha=-lr)
         else:
             update = [torch.where(a_i, m_i, 0) for m_i, a_i in zip(m, a)]
             if isinstance(lr, Tensor):

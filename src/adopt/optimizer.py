@@ -168,10 +168,31 @@ class ADOPT(Optimizer):
         previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
         super().load_state_dict(state_dict)
         try:
+            self._restore_seeds(state_dict)
             self._check_state_shapes()
         except ValueError:
             self.__setstate__(previous)
             raise
+
+    def _restore_seeds(self, state_dict: dict[str, Any]) -> None:
+        """Put back the saved stochastic-rounding seeds as int64 scalars next to their steps.
+
+        torch's loader casts every state tensor but ``step`` to the parameter's dtype, which
+        would turn an int64 seed into a rounded bfloat16 or float32 value.
+        """
+        for g_idx, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            for p_idx, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                seed = state_dict["state"].get(saved_id, {}).get("seed")
+                if seed is not None:
+                    self._restore_seed(p, seed, f"param_groups[{g_idx}]['params'][{p_idx}]")
+
+    def _restore_seed(self, p: Tensor, seed: object, where: str) -> None:
+        """One saved seed, checked, into the state of ``p``; ValueError naming ``where``."""
+        if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
+            got = f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, Tensor) else repr(seed)
+            raise ValueError(f"loaded state of {where} has a seed that is not an integer scalar tensor: {got}")
+        p_state = self.state[p]
+        p_state["seed"] = seed.detach().reshape(()).to(torch.int64).to(p_state["step"].device, copy=True)
 
     def _check_state_shapes(self) -> None:
         """Raise ValueError naming the first parameter whose exp_avg/exp_avg_sq is missing or
@@ -198,8 +219,10 @@ class ADOPT(Optimizer):
         exp_avgs: list[Tensor],
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
+        seeds: Optional[list[Tensor]] = None,
     ) -> bool:
-        """Fill the lists with the group's parameters that have gradients and their state.
+        """Fill the lists with the group's parameters that have gradients and their state
+        (``seeds``: with stochastic rounding, each one's ``state["seed"]``, created if missing).
 
         Validates first (an error names the parameter), then creates missing state, then
         checks that every gradient and state tensor matches its parameter (shape, dtype,
@@ -230,7 +253,22 @@ class ADOPT(Optimizer):
         exp_avg_sqs.extend(map(_get_exp_avg_sq, ready))
         state_steps.extend(map(_get_step, ready))
         check_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, name=lambda i: self._where_param(group, params[i]))
+        if group["stochastic_rounding"] and seeds is not None:
+            seeds.extend(self._seeds(params, ready))
         return any(map(Tensor.is_complex, params))
+
+    def _seeds(self, params: list[Tensor], states: list[dict[str, Any]]) -> list[Tensor]:
+        """Each parameter's stochastic-rounding seed, created next to its step where missing
+        (recorded in ``self._seeded`` so that a failed step can remove it again)."""
+        missing = [i for i, state in enumerate(states) if "seed" not in state]
+        if missing:
+            ordinals = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+            seeded = getattr(self, "_seeded", [])
+            for i in missing:
+                device = states[i]["step"].device
+                states[i]["seed"] = torch.tensor(param_seed(ordinals[id(params[i])]), dtype=torch.int64, device=device)
+                seeded.append(states[i])
+        return [state["seed"] for state in states]
 
     def _create_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[Optional[dict[str, Any]]]
@@ -275,31 +313,19 @@ class ADOPT(Optimizer):
         removed again, so a failed ``step()`` leaves the optimizer as it was.
         """
         known = len(self.state)
+        self._seeded: list[dict[str, Any]] = []
         prepared = []
         try:
             for group in self.param_groups:
-                lists: list[list[Tensor]] = [[], [], [], [], []]
+                lists: list[list[Tensor]] = [[], [], [], [], [], []]
                 has_complex = self._init_group(group, *lists)
                 prepared.append((group, lists, has_complex))
         except Exception:
             for p in list(self.state)[known:]:
                 del self.state[p]
+            for p_state in self._seeded:
+                p_state.pop("seed", None)
             raise
-        ordinals: Optional[dict[int, int]] = None
-        for group, lists, _ in prepared:
-            if not group["stochastic_rounding"]:
-                continue
-            seeds = []
-            for p in lists[0]:
-                p_state = self.state[p]
-                if "seed" not in p_state:
-                    if ordinals is None:
-                        ordinals = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
-                    p_state["seed"] = torch.tensor(
-                        param_seed(ordinals[id(p)]), dtype=torch.int64, device=p_state["step"].device
-                    )
-                seeds.append(p_state["seed"])
-            lists.append(seeds)
         return prepared
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
