@@ -33,13 +33,29 @@ def group_tensors(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     has_complex: bool,
+    *,
+    strict: bool = False,
 ) -> list[TensorGroup]:
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
-    )
+    """The tensors grouped by their parameter's device and dtype.
+
+    While compiling, torch's grouping helper returns everything as one group and leaves the
+    split to the compiler, which is right for foreach ops. ``strict=True`` splits there as
+    well, for callers that hand each group to one opaque kernel (the fused paths): device
+    and dtype are static while tracing, so the split costs no graph ops.
+    """
+    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    if strict and torch.compiler.is_compiling():
+        split: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+        for i, p in enumerate(params):
+            lists = split.setdefault((p.device, p.dtype), [[] for _ in tensor_lists])
+            for ts, source in zip(lists, tensor_lists):
+                ts.append(source[i])
+        grouped = list(split.values())
+    else:
+        by_torch = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
+        grouped = [[cast(list[Tensor], ts) for ts in lists] for lists, _ in by_torch.values()]
     groups = []
-    for tensor_lists, _ in grouped.values():
-        lists = [cast(list[Tensor], ts) for ts in tensor_lists]
+    for lists in grouped:
         if has_complex:
             lists[:4] = [[torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in lists[:4]]
         groups.append(TensorGroup(*lists))
