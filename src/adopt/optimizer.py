@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
+from ._checkpoint import translate_state_dict
 from ._checks import check_tensors
 from ._fused import fused_cpu_step, fused_cuda_available, fused_supported_dtypes
 from .functional import adopt
@@ -124,8 +125,9 @@ class ADOPT(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore from a pickle, filling options older versions did not have.
 
-        Float step counters from old checkpoints become tensors: on the parameter's device
-        for capturable/fused groups, on the CPU otherwise.
+        Step counters that are not what ADOPT creates (numbers from old checkpoints or other
+        implementations, tensors of another dtype, shape or device) become float32 0-d
+        tensors of the same count where :meth:`_create_state` would put them.
         """
         if "clip_lambda" not in state:  # load_state_dict passes only state and param_groups
             state = {**state, "clip_lambda": self.__dict__.get("clip_lambda", DEFAULT_CLIP)}
@@ -137,38 +139,53 @@ class ADOPT(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
-            on_device = group["capturable"] or group["fused"]
             for p in group["params"]:
                 p_state = self.state.get(p, {})
-                if p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(
-                        float(p_state["step"]), dtype=torch.float32, device=p.device if on_device else "cpu"
-                    )
+                step = p_state.get("step")
+                if step is None:
+                    continue  # no state (or no step: load_state_dict reports it)
+                device = _step_device(group, p)
+                if not (torch.is_tensor(step) and step.dtype == torch.float32 and step.dim() == 0
+                        and step.device == device):
+                    count = float(step.detach().reshape(()).item()) if torch.is_tensor(step) else float(step)
+                    p_state["step"] = torch.tensor(count, dtype=torch.float32, device=device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict as ``torch.optim.Optimizer`` does, then check that every
-        parameter's moments have its shape.
+        parameter's state has a step and moments of its shape.
 
-        State saved for another model is reported here, naming the parameter, rather than by
-        a later ``step()`` that could fail halfway through the param groups. On error the
+        State dicts of other ADOPT implementations (timm's ``Adopt``, pytorch_optimizer's
+        ``ADOPT``) are translated first, and a setting missing from a saved group takes the
+        value this optimizer was constructed with (see ``adopt._checkpoint`` and
+        docs/api.md); a saved setting ADOPT cannot honour is a ValueError naming it. State
+        saved for another model is reported here, naming the parameter, rather than by a
+        later ``step()`` that could fail halfway through the param groups. On error the
         optimizer keeps the state it had.
         """
+        translated, clip = translate_state_dict(state_dict, self.param_groups, frozenset(self.defaults))
         previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
-        super().load_state_dict(state_dict)
+        super().load_state_dict(translated)
         try:
             self._check_state_shapes()
         except ValueError:
             self.__setstate__(previous)
             raise
+        if clip is not None:
+            (self.clip_lambda,) = clip
 
     def _check_state_shapes(self) -> None:
-        """Raise ValueError naming the first parameter whose exp_avg/exp_avg_sq is missing or
-        has another shape than the parameter."""
+        """Raise ValueError naming the first parameter whose step is missing or whose
+        exp_avg/exp_avg_sq is missing or has another shape than the parameter."""
         for g_idx, group in enumerate(self.param_groups):
             for p_idx, p in enumerate(group["params"]):
                 p_state = self.state.get(p)
                 if not p_state:
                     continue
+                if "step" not in p_state:
+                    raise ValueError(
+                        f"loaded state does not fit param_groups[{g_idx}]['params'][{p_idx}]: it has no step "
+                        f"(keys: {sorted(p_state)})"
+                    )
                 for key in ("exp_avg", "exp_avg_sq"):
                     value = p_state.get(key)
                     if not isinstance(value, Tensor) or value.shape != p.shape:
@@ -233,17 +250,12 @@ class ADOPT(Optimizer):
                         f"fused=True supports float64/float32/float16/bfloat16 (and complex) tensors on CPU and "
                         f"CUDA: {self._where_param(group, p)} is {p.dtype} on {p.device}"
                     )
-        # Steps live on the device where the kernel reads them: capturable, fused, and the
-        # automatic choice of the fused path for CUDA parameters.
-        auto = group["fused"] is None and group["foreach"] is None and not group["differentiable"]
-        on_device = group["capturable"] or group["fused"]
         for i, p in enumerate(params):
             if states[i] is not None:
                 continue
-            step_on_device = on_device or (auto and p.is_cuda and fused_cuda_available())
             self.state.pop(p, None)  # re-added as a new key, so a failed step's rollback removes it
             states[i] = self.state[p] = {
-                "step": torch.zeros((), dtype=torch.float32, device=p.device if step_on_device else "cpu"),
+                "step": torch.zeros((), dtype=torch.float32, device=_step_device(group, p)),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }
@@ -323,6 +335,15 @@ class ADOPT(Optimizer):
                 maximize=group["maximize"],
             )
         return loss
+
+
+def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:
+    """Where a parameter's step counter lives: on its device where the kernel reads it there
+    (capturable, fused, and the automatic choice of the fused path for CUDA parameters),
+    else on the CPU."""
+    auto = group["fused"] is None and group["foreach"] is None and not group["differentiable"]
+    on_device = group["capturable"] or group["fused"] or (auto and p.is_cuda and fused_cuda_available())
+    return p.device if on_device else torch.device("cpu")
 
 
 def _graph_capture_health_check(optimizer: Optimizer) -> None:
