@@ -85,11 +85,6 @@ class ADOPT(Optimizer):
     ) -> None:
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         check_schedule(clip_lambda)
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -105,6 +100,11 @@ class ADOPT(Optimizer):
         super().__init__(params, defaults)
         self.clip_lambda = clip_lambda
         if fused:
+            # After the params are checked, as torch.optim.Adam does (its order of errors).
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
             # GradScaler then hands over grad_scale/found_inf: unscaling and the inf skip
             # happen inside the kernel instead of in extra passes over the gradients.
             self._step_supports_amp_scaling = True
@@ -219,9 +219,9 @@ class ADOPT(Optimizer):
         grads.extend([g for g in all_grads if g is not None])
         if any(map(_is_sparse, grads)):
             p_idx = next(i for i, g in enumerate(all_grads) if g is not None and g.is_sparse)
-            raise RuntimeError(
-                f"ADOPT does not support sparse gradients: {self._where(group, p_idx)} "
-                f"(shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
+            raise RuntimeError(  # torch.optim.Adam's words, with ADOPT's name
+                "ADOPT does not support sparse gradients, please consider SparseAdam instead: "
+                f"{self._where(group, p_idx)} (shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
             )
         if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -242,13 +242,15 @@ class ADOPT(Optimizer):
     ) -> None:
         """Zero state for the parameters seen for the first time (``states[i] is None``)."""
         if group["fused"]:
-            # Checked once per parameter, when its state is created (as torch's fused Adam does).
+            # Checked once per parameter, when its state is created, in the words of torch's
+            # fused Adam (whose list of devices is longer: ADOPT's kernels run on these two).
             supported = fused_supported_dtypes()
             for p, state in zip(params, states):
                 if state is None and (p.dtype not in supported or not (p.is_cpu or p.is_cuda)):
                     raise RuntimeError(
-                        f"fused=True supports float64/float32/float16/bfloat16 (and complex) tensors on CPU and "
-                        f"CUDA: {self._where_param(group, p)} is {p.dtype} on {p.device}"
+                        "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                        f"['cpu', 'cuda'] but {p.dtype} and {p.device.type} ({self._where_param(group, p)}; "
+                        "the fused kernels take float64, float32, float16, bfloat16 and complex tensors)"
                     )
         for i, p in enumerate(params):
             if states[i] is not None:
@@ -361,23 +363,47 @@ def _validate_hyperparameters(
     foreach: Optional[bool],
     capturable: bool,
 ) -> None:
-    """Raise ValueError naming the argument and its value for anything out of range."""
+    """Raise ValueError naming the argument and its value for anything out of range.
+
+    Where ``torch.optim.Adam`` rejects the same value, the check runs in Adam's order and the
+    message begins with Adam's words (PyTorch's optimizer tests match them); the detail
+    after them is ADOPT's. ADOPT also rejects infinite values and betas as Tensors.
+    """
     if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         if foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        lr_value = float(lr.detach().reshape(()))
-    else:
-        lr_value = lr
-    if not isinstance(lr_value, (int, float)) or not 0.0 <= lr_value < float("inf"):
-        raise ValueError(f"Invalid learning rate: lr={lr!r}")
-    if not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
-        raise ValueError(f"Invalid epsilon value: eps={eps!r}")
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    if not _finite_at_least_zero(lr):
+        raise ValueError(f"Invalid learning rate: {lr} (lr must be a finite number >= 0)")
+    if not _finite_at_least_zero(eps):
+        raise ValueError(f"Invalid epsilon value: {eps} (eps must be a finite number >= 0)")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got betas={betas!r}")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={beta!r} (must be in [0, 1))")
-    if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < float("inf"):
-        raise ValueError(f"Invalid weight_decay value: weight_decay={weight_decay!r}")
+        value = _number(beta)
+        if value is None or not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (betas[{i}] must be in [0, 1))")
+    if not _finite_at_least_zero(weight_decay):
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay} (weight_decay must be a finite number >= 0)"
+        )
+    tensor_betas = [isinstance(beta, Tensor) for beta in betas]
+    if any(tensor_betas):
+        if not all(tensor_betas):
+            raise ValueError(f"betas must be either both floats or both Tensors, got betas={betas!r}")
+        if foreach and not capturable:  # Adam's next check, made on betas[0] first
+            raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
+        raise ValueError(f"ADOPT takes betas as floats, got betas={betas!r}")
+
+
+def _number(x: object) -> Optional[float]:
+    """``x`` as a float if it is a real number or a 1-element tensor, else None."""
+    if isinstance(x, Tensor):
+        return float(x.detach().reshape(())) if x.numel() == 1 and not x.is_complex() else None
+    return float(x) if isinstance(x, (int, float)) else None
+
+
+def _finite_at_least_zero(x: object) -> bool:
+    value = _number(x)
+    return value is not None and 0.0 <= value < float("inf")
