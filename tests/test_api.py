@@ -26,13 +26,16 @@ def _param(n: int = 3) -> torch.nn.Parameter:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(lr=-1.0), "lr=-1.0"),
-        (dict(lr=float("nan")), "lr=nan"),
-        (dict(eps=-1e-8), "eps=-1e-08"),
-        (dict(betas=(1.0, 0.9)), r"betas\[0\]=1.0"),
-        (dict(betas=(0.9, -0.1)), r"betas\[1\]=-0.1"),
+        (dict(lr=-1.0), r"Invalid learning rate: -1.0 \(lr must be a finite number >= 0\)"),
+        (dict(lr=float("inf")), r"Invalid learning rate: inf \(lr must be a finite number >= 0\)"),
+        (dict(lr="fast"), "Invalid learning rate: fast"),
+        (dict(eps=-1e-8), r"Invalid epsilon value: -1e-08 \(eps must be"),
+        (dict(betas=(1.0, 0.9)), r"index 0: 1.0 \(betas\[0\] must be in \[0, 1\)\)"),
+        (dict(betas=(0.9, -0.1)), r"index 1: -0.1 \(betas\[1\] must be"),
         (dict(betas=(0.9,)), r"betas=\(0.9,\)"),
-        (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+        (dict(betas=(torch.tensor(0.9), torch.tensor(0.99))), "ADOPT takes betas as floats"),
+        (dict(weight_decay=-0.1), r"Invalid weight_decay value: -0.1 \(weight_decay must be"),
+        (dict(weight_decay=float("inf")), "Invalid weight_decay value: inf"),
         (dict(lr=torch.tensor([0.1, 0.2])), r"1-element, got shape \(2,\)"),
         (dict(lr=torch.tensor(0.1), foreach=True), "capturable=False and foreach=True"),
         (dict(clip_lambda=0.5), "clip_lambda must be callable or None, got 0.5"),
@@ -45,7 +48,7 @@ def test_invalid_arguments_raise_value_error(kwargs, match):
 
 def test_add_param_group_validates():
     opt = ADOPT([_param()])
-    with pytest.raises(ValueError, match="lr=-0.5"):
+    with pytest.raises(ValueError, match="Invalid learning rate: -0.5"):
         opt.add_param_group({"params": [_param()], "lr": -0.5})
 
 
@@ -53,6 +56,110 @@ def test_add_param_group_validates():
 def test_fused_with_foreach_or_differentiable_is_an_error(kwargs):
     with pytest.raises(RuntimeError, match="fused"):
         ADOPT([_param()], **kwargs)
+
+
+def _fused_on_meta(cls):
+    p = torch.nn.Parameter(torch.randn(3, device="meta"))
+    opt = cls([p], fused=True)
+    p.grad = torch.randn(3, device="meta")
+    opt.step()
+
+
+def _fused_on_int64(cls):
+    p = torch.zeros(3, dtype=torch.int64)
+    opt = cls([p], fused=True)
+    p.grad = torch.zeros(3, dtype=torch.int64)
+    opt.step()
+
+
+def _sparse_gradient(cls):
+    p = _param()
+    opt = cls([p])
+    p.grad = torch.randn(3).to_sparse()
+    opt.step()
+
+
+def _tensor_lr_set_on_a_foreach_group(cls):
+    p = _param()
+    opt = cls([p], foreach=True)
+    opt.param_groups[0]["lr"] = torch.tensor(0.1)
+    p.grad = torch.randn(3)
+    opt.step()
+
+
+def _differentiable_step_that_requires_grad(cls):
+    p = _param()
+    opt = cls([p], differentiable=True)
+    opt.state[p] = {"step": torch.tensor(1.0, requires_grad=True), "exp_avg": torch.zeros(3),
+                    "exp_avg_sq": torch.ones(3)}
+    p.grad = torch.randn(3)
+    opt.step()
+
+
+def _construct(params=None, **kwargs):
+    return lambda cls: cls([_param()] if params is None else params, **kwargs)
+
+
+# Every condition under which torch.optim.Adam (torch/optim/adam.py and optimizer.py) raises an
+# error of its own and ADOPT raises too. Where only one of them raises, nothing is compared:
+# ADOPT also rejects an infinite lr, eps or weight_decay, betas as two Tensors and fused
+# dtypes its kernels lack (float8, where Adam's kernel fails itself), and accepts int betas,
+# capturable on the CPU and complex parameters with fused=True.
+TORCH_ERROR_CONDITIONS = {
+    "negative lr": _construct(lr=-0.1),
+    "nan lr": _construct(lr=float("nan")),
+    "negative Tensor lr": _construct(lr=torch.tensor(-0.1)),
+    "Tensor lr of 2 elements": _construct(lr=torch.tensor([0.1, 0.2])),
+    "Tensor lr of 2 elements with foreach": _construct(lr=torch.tensor([0.1, 0.2]), foreach=True),
+    "Tensor lr with foreach": _construct(lr=torch.tensor(0.1), foreach=True),
+    "negative eps": _construct(eps=-1e-8),
+    "beta1 = 1": _construct(betas=(1.0, 0.9)),
+    "negative beta1": _construct(betas=(-0.1, 0.9)),
+    "beta2 = 1": _construct(betas=(0.9, 1.0)),
+    "both betas = 1": _construct(betas=(1.0, 1.0)),
+    "negative weight_decay": _construct(weight_decay=-1),
+    "negative lr and weight_decay": _construct(lr=-1.0, weight_decay=-0.5),
+    "negative eps and beta1 = 2": _construct(eps=-1.0, betas=(2.0, 0.9)),
+    "float beta1, Tensor beta2": _construct(betas=(0.9, torch.tensor(0.99))),
+    "Tensor beta1, float beta2": _construct(betas=(torch.tensor(0.9), 0.99)),
+    "Tensor betas with foreach": _construct(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+    "fused and foreach": _construct(fused=True, foreach=True),
+    "fused and differentiable": _construct(fused=True, differentiable=True),
+    "fused, foreach and differentiable": _construct(fused=True, foreach=True, differentiable=True),
+    "no params, fused and foreach": _construct(params=[], fused=True, foreach=True),
+    "fused on meta": _fused_on_meta,
+    "fused on int64": _fused_on_int64,
+    "sparse gradient": _sparse_gradient,
+    "Tensor lr set on a foreach group": _tensor_lr_set_on_a_foreach_group,
+    "differentiable with a step that requires grad": _differentiable_step_that_requires_grad,
+}
+
+
+def _error(action, cls):
+    with pytest.raises(Exception) as info:
+        action(cls)
+    return info.type, str(info.value)
+
+
+@pytest.mark.parametrize("condition", TORCH_ERROR_CONDITIONS)
+def test_errors_begin_with_torch_adams_words(condition):
+    """PyTorch's optimizer tests match these texts: ADOPT raises Adam's exception type with a
+    message that begins with Adam's, read from a live torch.optim.Adam. Two are worded for
+    ADOPT: the sparse-gradient error names ADOPT where Adam names itself, and the fused check
+    lists the devices ADOPT's kernels run on where Adam lists its own."""
+    action = TORCH_ERROR_CONDITIONS[condition]
+    torch_type, torch_text = _error(action, torch.optim.Adam)
+    ours_type, ours_text = _error(action, ADOPT)
+    assert ours_type is torch_type
+    if condition == "sparse gradient":
+        torch_text = torch_text.replace("Adam does not", "ADOPT does not", 1)
+    if condition.startswith("fused on"):
+        head, _, torch_tail = torch_text.partition("] ")
+        torch_head = head.split(": [")[0] + ": ["
+        assert ours_text.startswith(torch_head), (ours_text, torch_text)
+        assert ours_text.startswith(f"{torch_head}'cpu', 'cuda'] {torch_tail}"), (ours_text, torch_text)
+    else:
+        assert ours_text.startswith(torch_text), (ours_text, torch_text)
 
 
 def test_sparse_gradient_names_the_parameter_and_changes_nothing():

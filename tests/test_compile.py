@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounter
 
 from adopt import ADOPT, DEFAULT_CLIP, adopt
-from path_params import path_params, usable_paths
+from path_params import FUSED_SKIP, path_params, usable_paths
 
 with warnings.catch_warnings():
     # Compiling imports torch.utils.mkldnn, whose torch.jit.script_method is deprecated in
@@ -174,3 +175,69 @@ def test_inductor_compiled_step_matches_eager() -> None:
     _train(model, opt, torch.compile(opt.step), _batches())
     for p, e in zip(model.parameters(), _eager_params(**HP), strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-7)
+
+
+def _mixed_dtype_run(kw: dict[str, Any], dtype: torch.dtype, step_of: Callable[[ADOPT], Callable[[], Any]]) -> list[Tensor]:
+    """STEPS steps of one param group holding a float32 and a ``dtype`` parameter; their values after."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3).to(dtype))]
+    opt = ADOPT(params, **HP, **kw)
+    step = step_of(opt)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", path_params())
+def test_compiled_step_with_mixed_dtypes_matches_eager(path: str, dtype: torch.dtype) -> None:
+    """A group of two dtypes: while compiling, torch's grouping helper returns one group for
+    all of them, so the fused path must split by dtype itself (it once failed with a
+    wrong-device error). Every path gives eager's result, in one graph."""
+    kw = usable_paths()[path]
+    counter = CompileCounter()
+    expected = _mixed_dtype_run(kw, dtype, lambda opt: opt.step)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _mixed_dtype_run(kw, dtype, lambda opt: torch.compile(opt.step, backend=counter))
+    assert counter.frame_count == 1
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+
+
+# When a traced call raises, dynamo retries the frames below it and warns that it cannot
+# trace the C kernel it meets there; the error that reaches the caller is the step's own.
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin:UserWarning")
+@pytest.mark.skipif(FUSED_SKIP is not None, reason=str(FUSED_SKIP))
+@pytest.mark.parametrize("key", ["grad", "exp_avg", "exp_avg_sq"])
+def test_compiled_fused_names_a_tensor_on_another_device(key: str) -> None:
+    """A grad or moment on another device than its parameter (meta: the one other device a
+    CPU-only machine has) under the compiled fused functional API: an error naming it, and
+    nothing changed. (The op once received the meta tensor and was dispatched to its meta
+    kernel, which updates nothing: a silent no-op.)"""
+    lists = {k: [torch.zeros(3), torch.zeros(3)] for k in ("params", "grad", "exp_avg", "exp_avg_sq")}
+    lists["step"] = [torch.ones(()), torch.ones(())]
+    lists[key][1] = lists[key][1].to("meta")
+    lists["grad"][0].fill_(1.0)
+    lists["exp_avg_sq"][0].fill_(1.0)
+
+    def update() -> None:
+        adopt(*lists.values(), fused=True, beta1=0.9, beta2=0.999, lr=1e-2, clip_lambda=DEFAULT_CLIP,
+              weight_decay=0.0, decouple=False, eps=1e-6, maximize=False)
+
+    message = f"fused ADOPT: the {key} of params[1] is on meta, its parameter on cpu"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        torch.compile(update, backend="eager")()
+    assert torch.equal(lists["params"][0], torch.zeros(3))
+
+
+@pytest.mark.skipif(FUSED_SKIP is not None, reason=str(FUSED_SKIP))
+def test_fused_cpu_op_names_a_param_of_another_dtype() -> None:
+    """The compiled step's op takes one dtype group; given two dtypes it says so, naming the
+    parameter (not a device error: every tensor is on the CPU)."""
+    params = [torch.zeros(3), torch.zeros(3, dtype=torch.float64)]
+    lists = [params, *([torch.zeros_like(p) for p in params] for _ in range(3)), [torch.ones(()), torch.ones(())]]
+    with pytest.raises(ValueError, match=re.escape("params[1] is torch.float64 but params[0] is torch.float32")):
+        torch.ops.adopt.fused_adopt_cpu_(*lists, None, None, 1e-2, None, 0.9, 0.999, 0.0, 1e-6, False, False, 0.25, None, [])

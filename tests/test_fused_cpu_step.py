@@ -224,7 +224,7 @@ def test_declined_in_one_group_runs_no_group(monkeypatch: pytest.MonkeyPatch) ->
     set_grads(params, 2)
     params[3].grad = params[3].grad.to_sparse()  # type: ignore[union-attr]
     before = state_of(opt, params)
-    with pytest.raises(RuntimeError, match=r"sparse gradients: param_groups\[1\]\['params'\]\[1\]"):
+    with pytest.raises(RuntimeError, match=r"SparseAdam instead: param_groups\[1\]\['params'\]\[1\]"):
         opt.step()
     assert_identical(state_of(opt, params), before)
     assert recorder.taken == [False, True, False]

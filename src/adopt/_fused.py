@@ -416,10 +416,7 @@ def _plan_cpu_group(
         group, write_back = _contiguous_group(group)
         status = _run_cpu(kernel, group, grad_scale, found_inf, hyper, clip, dry_run=True)
     if status != kernel.DONE:
-        raise ValueError(
-            "fused ADOPT: every grad, exp_avg, exp_avg_sq and step must be on its parameter's device "
-            "(steps as float32 scalars)"
-        )
+        raise ValueError(_cpu_group_error(group))
 
     def run() -> None:
         _run_cpu(kernel, group, grad_scale, found_inf, hyper, clip)
@@ -427,6 +424,38 @@ def _plan_cpu_group(
             original.copy_(copy)
 
     return run
+
+
+def _group_mismatch(group: TensorGroup) -> Optional[str]:
+    """What keeps a group from being one device and dtype group, naming the first tensor:
+    a parameter of another dtype or device than ``params[0]``, or a grad or state tensor
+    off its parameter's device (or, except the step, of another dtype). None if nothing."""
+    first = group.params[0]
+    for i, p in enumerate(group.params):
+        if p.dtype != first.dtype:
+            return (
+                f"fused ADOPT: params[{i}] is {p.dtype} but params[0] is {first.dtype}: one kernel call "
+                "updates tensors of one dtype (group them by dtype first)"
+            )
+        if p.device != first.device:
+            return (
+                f"fused ADOPT: params[{i}] is on {p.device} but params[0] on {first.device}: one kernel call "
+                "updates tensors of one device (group them by device first)"
+            )
+        for key, t in (("grad", group.grads[i]), ("exp_avg", group.exp_avgs[i]),
+                       ("exp_avg_sq", group.exp_avg_sqs[i]), ("step", group.steps[i])):
+            if t.device != p.device:
+                return f"fused ADOPT: the {key} of params[{i}] is on {t.device}, its parameter on {p.device}"
+            if key != "step" and t.dtype != p.dtype:
+                return f"fused ADOPT: the {key} of params[{i}] is {t.dtype}, its parameter {p.dtype}"
+    return None
+
+
+def _cpu_group_error(group: TensorGroup) -> str:
+    """Why the C kernel declined a group it was given as one CPU dtype group."""
+    if group.device.type != "cpu":
+        return f"fused ADOPT: params[0] is on {group.device}: the CPU kernel updates CPU tensors only"
+    return _group_mismatch(group) or "fused ADOPT: the CPU kernel cannot read these tensors' memory directly"
 
 
 def _plan_fallback(
@@ -553,9 +582,15 @@ def _traced_fused_adopt(
     hyper: _Hyper,
     seeds: Optional[list[Tensor]],
 ) -> None:
-    """fused_adopt as torch.compile traces it: each CPU group is one ``adopt::fused_adopt_cpu_``
+    """fused_adopt as torch.compile traces it: the tensors grouped by device and dtype (which
+    torch's grouping helper leaves to the compiler), each CPU group one ``adopt::fused_adopt_cpu_``
     op, with the clip thresholds computed in the graph."""
-    for group in group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex, seeds):
+    for group in group_tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps, has_complex, seeds, strict=True):
+        # Eager grouping reports these; a traced op given a meta or foreign tensor would be
+        # dispatched to another device's kernel (the meta one does nothing) instead.
+        mismatch = _group_mismatch(group)
+        if mismatch is not None:
+            raise ValueError(mismatch)
         if group.device.type != "cpu":
             _plan_cuda(group, grad_scale, found_inf, hyper)()
             continue

@@ -35,17 +35,35 @@ def group_tensors(
     state_steps: list[Tensor],
     has_complex: bool,
     seeds: Optional[list[Tensor]] = None,
+    *,
+    strict: bool = False,
 ) -> list[TensorGroup]:
-    """The lists by device and dtype; ``seeds`` (int64 scalars, not grouped by dtype) follow
-    their parameters."""
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, state_steps], with_indices=seeds is not None  # type: ignore[list-item]
-    )
+    """The tensors grouped by their parameter's device and dtype; ``seeds`` (stochastic
+    rounding's int64 scalars, not grouped by dtype) follow their parameters.
+
+    While compiling, torch's grouping helper returns everything as one group and leaves the
+    split to the compiler, which is right for foreach ops. ``strict=True`` splits there as
+    well, for callers that hand each group to one opaque kernel (the fused paths): device
+    and dtype are static while tracing, so the split costs no graph ops.
+    """
+    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    grouped: list[tuple[list[list[Tensor]], list[int]]]
+    if strict and torch.compiler.is_compiling():
+        split: dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]] = {}
+        for i, p in enumerate(params):
+            lists, indices = split.setdefault((p.device, p.dtype), ([[] for _ in tensor_lists], []))
+            for ts, source in zip(lists, tensor_lists):
+                ts.append(source[i])
+            indices.append(i)
+        grouped = list(split.values())
+    else:
+        by_torch = Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)  # type: ignore[arg-type]
+        grouped = [([cast(list[Tensor], ts) for ts in lists], cast(list[int], indices))
+                   for lists, indices in by_torch.values()]
     groups = []
-    for tensor_lists, indices in grouped.values():
-        lists = [cast(list[Tensor], ts) for ts in tensor_lists]
+    for lists, indices in grouped:
         if has_complex:
             lists[:4] = [[torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in lists[:4]]
-        group_seeds = None if seeds is None else [seeds[i] for i in cast(list[int], indices)]
+        group_seeds = None if seeds is None else [seeds[i] for i in indices]
         groups.append(TensorGroup(*lists, seeds=group_seeds))
     return groups

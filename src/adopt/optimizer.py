@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiable
 
+from ._checkpoint import translate_state_dict
 from ._checks import check_tensors
 from ._fused import fused_cpu_step, fused_cuda_available, fused_supported_dtypes
 from ._random import param_seed
@@ -93,11 +94,6 @@ class ADOPT(Optimizer):
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         _validate_rounding(stochastic_rounding, differentiable)
         check_schedule(clip_lambda)
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -114,6 +110,11 @@ class ADOPT(Optimizer):
         super().__init__(params, defaults)
         self.clip_lambda = clip_lambda
         if fused:
+            # After the params are checked, as torch.optim.Adam does (its order of errors).
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
             # GradScaler then hands over grad_scale/found_inf: unscaling and the inf skip
             # happen inside the kernel instead of in extra passes over the gradients.
             self._step_supports_amp_scaling = True
@@ -135,8 +136,9 @@ class ADOPT(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore from a pickle, filling options older versions did not have.
 
-        Float step counters from old checkpoints become tensors: on the parameter's device
-        for capturable/fused groups, on the CPU otherwise.
+        Step counters that are not what ADOPT creates (numbers from old checkpoints or other
+        implementations, tensors of another dtype, shape or device) become float32 0-d
+        tensors of the same count where :meth:`_create_state` would put them.
         """
         if "clip_lambda" not in state:  # load_state_dict passes only state and param_groups
             state = {**state, "clip_lambda": self.__dict__.get("clip_lambda", DEFAULT_CLIP)}
@@ -149,30 +151,40 @@ class ADOPT(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
             group.setdefault("stochastic_rounding", False)
-            on_device = group["capturable"] or group["fused"]
             for p in group["params"]:
                 p_state = self.state.get(p, {})
-                if p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(
-                        float(p_state["step"]), dtype=torch.float32, device=p.device if on_device else "cpu"
-                    )
+                step = p_state.get("step")
+                if step is None:
+                    continue  # no state (or no step: load_state_dict reports it)
+                device = _step_device(group, p)
+                if not (torch.is_tensor(step) and step.dtype == torch.float32 and step.dim() == 0
+                        and step.device == device):
+                    count = float(step.detach().reshape(()).item()) if torch.is_tensor(step) else float(step)
+                    p_state["step"] = torch.tensor(count, dtype=torch.float32, device=device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict as ``torch.optim.Optimizer`` does, then check that every
-        parameter's moments have its shape.
+        parameter's state has a step and moments of its shape.
 
-        State saved for another model is reported here, naming the parameter, rather than by
-        a later ``step()`` that could fail halfway through the param groups. On error the
+        State dicts of other ADOPT implementations (timm's ``Adopt``, pytorch_optimizer's
+        ``ADOPT``) are translated first, and a setting missing from a saved group takes the
+        value this optimizer was constructed with (see ``adopt._checkpoint`` and
+        docs/api.md); a saved setting ADOPT cannot honour is a ValueError naming it. State
+        saved for another model is reported here, naming the parameter, rather than by a
+        later ``step()`` that could fail halfway through the param groups. On error the
         optimizer keeps the state it had.
         """
+        translated, clip = translate_state_dict(state_dict, self.param_groups, frozenset(self.defaults))
         previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
-        super().load_state_dict(state_dict)
+        super().load_state_dict(translated)
         try:
             self._restore_seeds(state_dict)
             self._check_state_shapes()
         except ValueError:
             self.__setstate__(previous)
             raise
+        if clip is not None:
+            (self.clip_lambda,) = clip
 
     def _restore_seeds(self, state_dict: dict[str, Any]) -> None:
         """Put back the saved stochastic-rounding seeds as int64 scalars next to their steps.
@@ -195,13 +207,18 @@ class ADOPT(Optimizer):
         p_state["seed"] = seed.detach().reshape(()).to(torch.int64).to(p_state["step"].device, copy=True)
 
     def _check_state_shapes(self) -> None:
-        """Raise ValueError naming the first parameter whose exp_avg/exp_avg_sq is missing or
-        has another shape than the parameter."""
+        """Raise ValueError naming the first parameter whose step is missing or whose
+        exp_avg/exp_avg_sq is missing or has another shape than the parameter."""
         for g_idx, group in enumerate(self.param_groups):
             for p_idx, p in enumerate(group["params"]):
                 p_state = self.state.get(p)
                 if not p_state:
                     continue
+                if "step" not in p_state:
+                    raise ValueError(
+                        f"loaded state does not fit param_groups[{g_idx}]['params'][{p_idx}]: it has no step "
+                        f"(keys: {sorted(p_state)})"
+                    )
                 for key in ("exp_avg", "exp_avg_sq"):
                     value = p_state.get(key)
                     if not isinstance(value, Tensor) or value.shape != p.shape:
@@ -237,9 +254,9 @@ class ADOPT(Optimizer):
         grads.extend([g for g in all_grads if g is not None])
         if any(map(_is_sparse, grads)):
             p_idx = next(i for i, g in enumerate(all_grads) if g is not None and g.is_sparse)
-            raise RuntimeError(
-                f"ADOPT does not support sparse gradients: {self._where(group, p_idx)} "
-                f"(shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
+            raise RuntimeError(  # torch.optim.Adam's words, with ADOPT's name
+                "ADOPT does not support sparse gradients, please consider SparseAdam instead: "
+                f"{self._where(group, p_idx)} (shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
             )
         if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -275,25 +292,22 @@ class ADOPT(Optimizer):
     ) -> None:
         """Zero state for the parameters seen for the first time (``states[i] is None``)."""
         if group["fused"]:
-            # Checked once per parameter, when its state is created (as torch's fused Adam does).
+            # Checked once per parameter, when its state is created, in the words of torch's
+            # fused Adam (whose list of devices is longer: ADOPT's kernels run on these two).
             supported = fused_supported_dtypes()
             for p, state in zip(params, states):
                 if state is None and (p.dtype not in supported or not (p.is_cpu or p.is_cuda)):
                     raise RuntimeError(
-                        f"fused=True supports float64/float32/float16/bfloat16 (and complex) tensors on CPU and "
-                        f"CUDA: {self._where_param(group, p)} is {p.dtype} on {p.device}"
+                        "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                        f"['cpu', 'cuda'] but {p.dtype} and {p.device.type} ({self._where_param(group, p)}; "
+                        "the fused kernels take float64, float32, float16, bfloat16 and complex tensors)"
                     )
-        # Steps live on the device where the kernel reads them: capturable, fused, and the
-        # automatic choice of the fused path for CUDA parameters.
-        auto = group["fused"] is None and group["foreach"] is None and not group["differentiable"]
-        on_device = group["capturable"] or group["fused"]
         for i, p in enumerate(params):
             if states[i] is not None:
                 continue
-            step_on_device = on_device or (auto and p.is_cuda and fused_cuda_available())
             self.state.pop(p, None)  # re-added as a new key, so a failed step's rollback removes it
             states[i] = self.state[p] = {
-                "step": torch.zeros((), dtype=torch.float32, device=p.device if step_on_device else "cpu"),
+                "step": torch.zeros((), dtype=torch.float32, device=_step_device(group, p)),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }
@@ -382,6 +396,15 @@ class ADOPT(Optimizer):
         return loss
 
 
+def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:
+    """Where a parameter's step counter lives: on its device where the kernel reads it there
+    (capturable, fused, and the automatic choice of the fused path for CUDA parameters),
+    else on the CPU."""
+    auto = group["fused"] is None and group["foreach"] is None and not group["differentiable"]
+    on_device = group["capturable"] or group["fused"] or (auto and p.is_cuda and fused_cuda_available())
+    return p.device if on_device else torch.device("cpu")
+
+
 def _graph_capture_health_check(optimizer: Optimizer) -> None:
     """torch's check that capturable is on when a CUDA graph is being captured (renamed in 2.8)."""
     check = getattr(optimizer, "_accelerator_graph_capture_health_check", None)
@@ -397,26 +420,50 @@ def _validate_hyperparameters(
     foreach: Optional[bool],
     capturable: bool,
 ) -> None:
-    """Raise ValueError naming the argument and its value for anything out of range."""
+    """Raise ValueError naming the argument and its value for anything out of range.
+
+    Where ``torch.optim.Adam`` rejects the same value, the check runs in Adam's order and the
+    message begins with Adam's words (PyTorch's optimizer tests match them); the detail
+    after them is ADOPT's. ADOPT also rejects infinite values and betas as Tensors.
+    """
     if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         if foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        lr_value = float(lr.detach().reshape(()))
-    else:
-        lr_value = lr
-    if not isinstance(lr_value, (int, float)) or not 0.0 <= lr_value < float("inf"):
-        raise ValueError(f"Invalid learning rate: lr={lr!r}")
-    if not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
-        raise ValueError(f"Invalid epsilon value: eps={eps!r}")
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    if not _finite_at_least_zero(lr):
+        raise ValueError(f"Invalid learning rate: {lr} (lr must be a finite number >= 0)")
+    if not _finite_at_least_zero(eps):
+        raise ValueError(f"Invalid epsilon value: {eps} (eps must be a finite number >= 0)")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got betas={betas!r}")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={beta!r} (must be in [0, 1))")
-    if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < float("inf"):
-        raise ValueError(f"Invalid weight_decay value: weight_decay={weight_decay!r}")
+        value = _number(beta)
+        if value is None or not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (betas[{i}] must be in [0, 1))")
+    if not _finite_at_least_zero(weight_decay):
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay} (weight_decay must be a finite number >= 0)"
+        )
+    tensor_betas = [isinstance(beta, Tensor) for beta in betas]
+    if any(tensor_betas):
+        if not all(tensor_betas):
+            raise ValueError(f"betas must be either both floats or both Tensors, got betas={betas!r}")
+        if foreach and not capturable:  # Adam's next check, made on betas[0] first
+            raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
+        raise ValueError(f"ADOPT takes betas as floats, got betas={betas!r}")
+
+
+def _number(x: object) -> Optional[float]:
+    """``x`` as a float if it is a real number or a 1-element tensor, else None."""
+    if isinstance(x, Tensor):
+        return float(x.detach().reshape(())) if x.numel() == 1 and not x.is_complex() else None
+    return float(x) if isinstance(x, (int, float)) else None
+
+
+def _finite_at_least_zero(x: object) -> bool:
+    value = _number(x)
+    return value is not None and 0.0 <= value < float("inf")
 
 
 def _validate_rounding(stochastic_rounding: object, differentiable: bool) -> None:
