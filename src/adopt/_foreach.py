@@ -258,11 +258,11 @@ def _capturable_group(
                     continue
                 if weight_decay != 0:
                     p_i.copy_(torch.where(a_i, p_i * (1 - lr * weight_decay), p_i))
-                update = torch.where(a_i, m_i, 0)
+                selected = torch.where(a_i, m_i, 0)
                 if isinstance(lr, Tensor):
-                    p_i.sub_(update * lr)
+                    p_i.sub_(selected * lr)
                 else:
-                    p_i.add_(update, alpha=-lr)
+                    p_i.add_(selected, alpha=-lr)
         else:
             update = [torch.where(a_i, m_i, 0) for m_i, a_i in zip(m, a)]
             if isinstance(lr, Tensor):
@@ -320,7 +320,7 @@ def _scale_(tensors: list[Tensor], factor: float) -> None:
 
 def _offset(part: Tensor, whole: Tensor) -> int:
     """The flat index in ``whole`` where ``part`` (``whole`` itself or a flat slice of it) starts."""
-    return 0 if part is whole else part.storage_offset() - whole.storage_offset()
+    return 0 if part is whole else int(part.storage_offset() - whole.storage_offset())
 
 
 def _pick(values: Sequence[_T], idx: Optional[list[int]]) -> list[_T]:

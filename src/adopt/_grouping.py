@@ -58,12 +58,12 @@ def group_tensors(
         grouped = list(split.values())
     else:
         by_torch = Optimizer._group_tensors_by_device_and_dtype(tensor_lists, with_indices=True)  # type: ignore[arg-type]
-        grouped = [([cast(list[Tensor], ts) for ts in lists], cast(list[int], indices))
+        grouped = [([cast(list[Tensor], ts) for ts in lists], indices)
                    for lists, indices in by_torch.values()]
     groups = []
     for lists, indices in grouped:
         if has_complex:
             lists[:4] = [[torch.view_as_real(t) if t.is_complex() else t for t in ts] for ts in lists[:4]]
         group_seeds = None if seeds is None else [seeds[i] for i in indices]
-        groups.append(TensorGroup(*lists, seeds=group_seeds))
+        groups.append(TensorGroup(lists[0], lists[1], lists[2], lists[3], lists[4], group_seeds))
     return groups

@@ -478,7 +478,7 @@ def launch_group(
         None if grad_scale is None else _on(device, "grad_scale", grad_scale),
         None if found_inf is None else _on(device, "found_inf", found_inf),
         thresholds,
-        _on(device, "seeds", seeds, count) if rounded else None,
+        _on(device, "seeds", seeds, count) if seeds is not None and rounded else None,
         lr_value, float(beta1), float(beta2), float(weight_decay), float(eps), exponent,
     )
     meta = dict(
