@@ -16,18 +16,14 @@ import torch
 import adopt
 from adopt import ADOPT, _random
 from adopt._fused import _cpu_kernel
+from helpers import PATHS as ALL_PATHS
 
 KERNEL = _cpu_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the C extension is not built")
 
 LOW = (torch.bfloat16, torch.float16)
-PATHS: dict[str, dict[str, Any]] = {
-    "single": dict(foreach=False),
-    "foreach": dict(foreach=True),
-    "fused": dict(fused=True),
-    "single-capturable": dict(foreach=False, capturable=True),
-    "foreach-capturable": dict(foreach=True, capturable=True),
-}
+# The paths of helpers.PATHS but fused-capturable (the same C kernel as fused on the CPU).
+PATHS: dict[str, dict[str, Any]] = {k: v for k, v in ALL_PATHS.items() if k != "fused-capturable"}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
