@@ -44,7 +44,14 @@ def oracle_step(
     weight_decay: float,
     decouple: bool,
     maximize: bool,
+    caution: bool = False,
+    nesterov: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
+    """One step of the rule. ``caution``: the update keeps only the elements whose sign agrees
+    with the gradient's, scaled by the inverse of their fraction (at least 1e-3);
+    ``nesterov``: the update is ``beta1 * m + (1 - beta1) * n`` with the new ``m``;
+    ``lr_max``: corrected decoupled decay, ``lr * (lr / lr_max) * weight_decay``."""
     g = _real64(grad)
     if maximize:
         g = -g
@@ -54,13 +61,18 @@ def oracle_step(
         st.v = g * g
     else:
         if decouple:
-            st.p = st.p * (1 - lr * weight_decay)
+            decay_lr = lr if lr_max is None else lr * lr / lr_max
+            st.p = st.p * (1 - decay_lr * weight_decay)
         n = g / torch.sqrt(st.v).clamp(min=eps)
         if clip is not None:
             c = float(clip(st.s))
             n = n.clamp(-c, c)
         st.m = st.m + (1 - beta1) * (n - st.m)
-        st.p = st.p - lr * st.m
+        u = beta1 * st.m + (1 - beta1) * n if nesterov else st.m
+        if caution:
+            agree = (u * g > 0).to(torch.float64)
+            u = u * agree / max(float(agree.mean()), 1e-3)
+        st.p = st.p - lr * u
         st.v = beta2 * st.v + (1 - beta2) * g * g
     st.s += 1
 

@@ -108,8 +108,9 @@ def test_timm_checkpoint_keeps_its_decay_and_clip(decoupled: bool) -> None:
     opt.load_state_dict(checkpoint)
     group = opt.param_groups[0]
     assert group["decouple"] is decoupled and opt.clip_lambda == PowerClip(0.333)
-    for key in ("decoupled", "clip_exp", "caution", "corrected_weight_decay", "max_lr_snapshot"):
+    for key in ("decoupled", "clip_exp", "max_lr_snapshot"):
         assert key not in group
+    assert group["caution"] is False and group["corrected_weight_decay"] is False and group["lr_max"] == LR
     assert checkpoint["param_groups"] == saved["param_groups"]  # the caller's dict is not rewritten
     assert checkpoint["state"][0].keys() == saved["state"][0].keys()
     _continue_and_compare(opt, params, states, grads[5:], hp)
@@ -175,8 +176,7 @@ def test_missing_setting_takes_the_constructed_value(key: str, constructed: bool
 
 @pytest.mark.parametrize(
     ("key", "layout"),
-    [("caution", "timm"), ("corrected_weight_decay", "timm"), ("cautious", "po"), ("fixed_decay", "po"),
-     ("stable_adamw", "po")],
+    [("fixed_decay", "po"), ("stable_adamw", "po")],
 )
 def test_setting_adopt_cannot_honour_is_refused_and_changes_nothing(key: str, layout: str) -> None:
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
@@ -192,11 +192,35 @@ def test_setting_adopt_cannot_honour_is_refused_and_changes_nothing(key: str, la
     _assert_untouched(opt, before)
 
 
-@pytest.mark.parametrize("key", ["caution", "corrected_weight_decay", "cautious", "fixed_decay", "stable_adamw"])
+@pytest.mark.parametrize("key", ["fixed_decay", "stable_adamw"])
 def test_setting_adopt_does_not_have_is_dropped_when_off(key: str) -> None:
     opt = ADOPT([torch.nn.Parameter(torch.zeros(3)) for _ in range(4)])
     opt.load_state_dict({"state": {}, "param_groups": [_timm_group(**{key: False})]})
     assert key not in opt.param_groups[0]
+
+
+def test_timm_caution_and_corrected_decay_are_honoured() -> None:
+    """timm's caution and corrected_weight_decay (relative to its max_lr_snapshot) continue as
+    the rule with them, though ADOPT was built without either."""
+    init, grads = make_problem(9, seed=4)
+    hp = {**_oracle_hp(lambda s: s ** 0.333, True), "caution": True, "lr_max": 4 * LR}
+    states = run_oracle(init, grads[:5], **hp)
+    group = _timm_group(caution=True, corrected_weight_decay=True, max_lr_snapshot=4 * LR)
+    params = [torch.nn.Parameter(st.p.clone()) for st in states]
+    opt = ADOPT(params, lr=LR, weight_decay=WD, decouple=True)
+    opt.load_state_dict({"state": _state(states, with_step=True), "param_groups": [group]})
+    loaded = opt.param_groups[0]
+    assert loaded["caution"] and loaded["corrected_weight_decay"] and loaded["lr_max"] == 4 * LR
+    _continue_and_compare(opt, params, states, grads[5:], hp)
+
+
+def test_pytorch_optimizer_cautious_becomes_caution_with_a_warning() -> None:
+    opt = ADOPT([torch.nn.Parameter(torch.zeros(3)) for _ in range(4)])
+    with pytest.warns(UserWarning, match=r"param_groups\[0\] has cautious=True: pytorch_optimizer rescales"):
+        opt.load_state_dict({"state": {}, "param_groups": [_po_group(step=0, cautious=True)]})
+    assert opt.param_groups[0]["caution"] is True
+    opt.load_state_dict({"state": {}, "param_groups": [_po_group(step=0, cautious=False)]})  # no warning when off
+    assert opt.param_groups[0]["caution"] is False
 
 
 def test_conflicting_synonyms_are_refused() -> None:
@@ -284,9 +308,10 @@ def _train_real(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gr
 
 
 def _real_run(make_peer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-              make_ours: Callable[[list[torch.nn.Parameter]], ADOPT]) -> None:
+              make_ours: Callable[[list[torch.nn.Parameter]], ADOPT], lr_after: Optional[float] = None) -> None:
     """The peer trains 4 steps; its state_dict (deep-copied: load_state_dict shares tensors
-    that need no cast) goes into ADOPT; both take 5 more steps and must agree."""
+    that need no cast) goes into ADOPT; both take 5 more steps (at ``lr_after``, as a schedule
+    would set it, if given) and must agree."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3,), (2, 4), (5,)]
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
@@ -297,6 +322,9 @@ def _real_run(make_peer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimi
     ours_params = [torch.nn.Parameter(p.detach().clone()) for p in peer_params]
     ours = make_ours(ours_params)
     ours.load_state_dict(copy.deepcopy(peer.state_dict()))
+    if lr_after is not None:
+        for opt in (peer, ours):
+            opt.param_groups[0]["lr"] = lr_after
     _train_real(peer, peer_params, grads[4:])
     _train_real(ours, ours_params, grads[4:])
     for a, b in zip(peer_params, ours_params, strict=True):
@@ -305,12 +333,14 @@ def _real_run(make_peer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimi
 
 @pytest.mark.parametrize(
     "kw", [dict(), dict(weight_decay=0.1, decoupled=True), dict(weight_decay=0.1), dict(clip_exp=None),
-           dict(clip_exp=0.25, foreach=True)],
-    ids=["defaults", "decoupled", "l2", "no-clip", "clip-0.25"],
+           dict(clip_exp=0.25, foreach=True), dict(caution=True), dict(caution=True, foreach=True),
+           dict(weight_decay=0.1, decoupled=True, corrected_weight_decay=True)],
+    ids=["defaults", "decoupled", "l2", "no-clip", "clip-0.25", "caution", "caution-foreach", "corrected"],
 )
 def test_real_timm_checkpoint_continues_as_timm(kw: dict[str, Any]) -> None:
+    """Each with the lr lowered after the load (where corrected weight decay differs)."""
     adopt_cls = _timm_adopt()
-    _real_run(lambda ps: adopt_cls(ps, lr=1e-2, **kw), lambda ps: ADOPT(ps, lr=1e-2))
+    _real_run(lambda ps: adopt_cls(ps, lr=1e-2, **kw), lambda ps: ADOPT(ps, lr=1e-2), lr_after=3e-3)
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,8 @@ def test_non_cpu_or_complex_groups_do_not_reach_the_c_call(monkeypatch: pytest.M
     p = torch.zeros(3, device="meta") if where == "meta" else torch.zeros(3, dtype=torch.complex64)
     cpu = torch.zeros(3)
     groups = [{"params": [cpu], "fused": True, "lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-6,
-               "decouple": False, "maximize": False, "stochastic_rounding": False}, {"params": [p], "fused": True}]
+               "decouple": False, "maximize": False, "stochastic_rounding": False, "nesterov": False, "caution": False,
+               "corrected_weight_decay": False, "lr_max": 1e-3}, {"params": [p], "fused": True}]
     assert not _fused.fused_cpu_step(groups, {}, PowerClip(0.25), None, None)
 
 

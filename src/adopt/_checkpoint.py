@@ -9,19 +9,24 @@ would not read them and silently run its defaults) and lack the settings it does
 * ADOPT's hyperparameters missing from a saved group take the current group's value, i.e.
   the value the optimizer was constructed with.
 * Synonyms become ADOPT's keys: timm's ``decoupled`` and pytorch_optimizer's
-  ``weight_decouple`` are ``decouple``; timm's ``clip_exp`` is ``clip_lambda=PowerClip(clip_exp)``
+  ``weight_decouple`` are ``decouple``, pytorch_optimizer's ``cautious`` is ``caution``, timm's
+  ``max_lr_snapshot`` (the lr its corrected weight decay is relative to) is ``lr_max``
+  (timm's ``caution`` and ``corrected_weight_decay`` are ADOPT's names too). A cautious
+  pytorch_optimizer checkpoint warns: it rescales the kept elements by ``numel / (kept + 1)``
+  where ADOPT (as timm and the paper) uses ``1 / max(kept / numel, 1e-3)``. timm's ``clip_exp``
+  is ``clip_lambda=PowerClip(clip_exp)``
   (timm clips at ``(step - 1) ** clip_exp`` with its counter already advanced, i.e. at
   ``s ** clip_exp`` for ``s`` earlier steps, exactly as :class:`PowerClip` does), or no clip
   for ``clip_exp=None``.
-* Settings ADOPT does not have (timm's ``caution`` and ``corrected_weight_decay``,
-  pytorch_optimizer's ``cautious``, ``fixed_decay`` and ``stable_adamw``) are dropped when
-  off and refused (ValueError naming the key) when on, since ADOPT cannot honour them.
+* Settings ADOPT does not have (pytorch_optimizer's ``fixed_decay`` and ``stable_adamw``) are
+  dropped when off and refused (ValueError naming the key) when on, since ADOPT cannot
+  honour them.
 * pytorch_optimizer counts steps per group (``group['step']``) and stores no per-parameter
   step: each parameter's state gets the group's count. (Its clip is ``clip_lambda(s + 1)``,
   one step later than ADOPT's ``clip_lambda(s)``; its clip is not in the state_dict, so
   ADOPT keeps the one it was built with: see docs/api.md to reproduce pytorch_optimizer's.)
-* Bookkeeping is kept (torch's LR schedulers and SWA, named parameters) or dropped
-  (timm's ``max_lr_snapshot``) without a word; any other key ADOPT does not know and the
+* Bookkeeping is kept (torch's LR schedulers and SWA, named parameters) without a word;
+  any other key ADOPT does not know and the
   current group does not have is kept, with a UserWarning naming it, as ADOPT ignores it.
 """
 
@@ -36,11 +41,16 @@ from .schedules import ClipSchedule, PowerClip
 __all__ = ["translate_state_dict"]
 
 # Other implementations' names for ADOPT's settings.
-_SYNONYMS = {"decoupled": "decouple", "weight_decouple": "decouple", "cautious": "caution"}
+_SYNONYMS = {
+    "decoupled": "decouple", "weight_decouple": "decouple", "cautious": "caution", "max_lr_snapshot": "lr_max",
+}
+# Synonyms whose meaning differs slightly when on: what ADOPT does instead (a UserWarning).
+_SYNONYM_NOTES = {
+    "cautious": "pytorch_optimizer rescales the kept elements by numel / (kept + 1), ADOPT's caution (as timm's) "
+                "by 1 / max(kept / numel, 1e-3); the step continues with ADOPT's",
+}
 # Settings of other implementations that change the update when on; ADOPT has none of them.
 _OFF_OR_REFUSED = {
-    "caution": "the cautious mask on the update",
-    "corrected_weight_decay": "weight decay scaled by lr / max_lr",
     "fixed_decay": "weight decay not scaled by lr",
     "stable_adamw": "the update divided by its RMS",
 }
@@ -48,8 +58,6 @@ _OFF_OR_REFUSED = {
 _TORCH_BOOKKEEPING = frozenset(
     {"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"}
 )
-# Dropped without a word: timm's snapshot of the initial lr, read only by corrected_weight_decay.
-_PEER_BOOKKEEPING = frozenset({"max_lr_snapshot"})
 _CLIP_KEY = "clip_exp"  # timm's clip exponent
 _GROUP_STEP_KEY = "step"  # pytorch_optimizer's per-group step count
 
@@ -93,13 +101,16 @@ def _translate_group(
             if target in saved and saved[target] != value:
                 raise ValueError(f"loaded state_dict: {where} has {target}={saved[target]!r} but {key}={value!r}")
             group[target] = value
+            if value and key in _SYNONYM_NOTES:
+                warnings.warn(f"loaded state_dict: {where} has {key}={value!r}: {_SYNONYM_NOTES[key]}", UserWarning,
+                              stacklevel=4)
         elif key in _OFF_OR_REFUSED or target in _OFF_OR_REFUSED:
             if value:
                 what = _OFF_OR_REFUSED[target or key]
                 raise ValueError(
                     f"loaded state_dict: {where} has {key}={value!r} ({what}), which ADOPT does not support"
                 )
-        elif key in _PEER_BOOKKEEPING or key in (_CLIP_KEY, _GROUP_STEP_KEY):
+        elif key in (_CLIP_KEY, _GROUP_STEP_KEY):
             continue  # the clip and the step count are read by translate_state_dict
         elif key in current:
             group[key] = value  # a key of the user's own, as torch keeps it

@@ -37,6 +37,7 @@ from torch import Tensor
 from ._grouping import group_tensors
 from ._random import SR_DTYPES
 from ._rounding import device_key, host_key, write_rounded_, write_rounded_where_
+from ._variants import agreement, caution_weight, compute_dtype, decay_lr, masked
 from .schedules import ClipSchedule, device_thresholds, host_thresholds
 
 # A group (or its first-step part) up to this many elements runs as one chunk: below it the
@@ -76,6 +77,9 @@ def foreach_adopt(
     capturable: bool,
     differentiable: bool,
     seeds: Optional[list[Tensor]] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("the foreach path expects unscaled gradients (grad_scale/found_inf are fused-only)")
@@ -113,7 +117,8 @@ def foreach_adopt(
             ] if rounded else None
             _capturable_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
                               cast(Optional[Tensor], clip), beta1=beta1, beta2=beta2, lr=lr, l2=l2,
-                              weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=keys)
+                              weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=keys,
+                              nesterov=nesterov, caution=caution, lr_max=lr_max)
         else:
             host_keys = [
                 host_key(seed, count) if p.dtype in SR_DTYPES else None
@@ -121,7 +126,8 @@ def foreach_adopt(
             ] if rounded else None
             _host_group(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, counts,
                         cast(Optional[list[float]], clip), beta1=beta1, beta2=beta2, lr=cast(float, lr),
-                        l2=l2, weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=host_keys)
+                        l2=l2, weight_decay=decoupled_wd, eps=eps, maximize=maximize, keys=host_keys,
+                        nesterov=nesterov, caution=caution, lr_max=lr_max)
         if group.steps[0].is_cpu:
             # One wrapped scalar instead of re-wrapping 1 for every tensor on the slow CPU path.
             torch._foreach_add_(group.steps, torch.tensor(1.0), alpha=1.0)
@@ -145,12 +151,18 @@ def _host_group(
     eps: float,
     maximize: bool,
     keys: Optional[list[Optional[int]]] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     """The rule with the first-step/update split done on the host; ``weight_decay`` is decoupled.
 
     Temporaries alive at once, in chunk-sized lists: ``sqrt(v)`` and ``g / sqrt(v)``, plus the
     decayed gradients with L2 decay; with ``keys`` (stochastic rounding: one key per tensor,
-    None for a tensor rounded to nearest) also the float32 parameter values and updates.
+    None for a tensor rounded to nearest) also the float32 parameter values and updates; with
+    ``nesterov`` the updates, with ``caution`` the masks and masked updates. A cautious step
+    takes two passes (:func:`_host_caution_weights` first): each tensor's weight depends on
+    all of its elements.
     """
     first = [i for i, s in enumerate(host_steps) if s == 0]
     if first:
@@ -169,37 +181,87 @@ def _host_group(
         clip = None if clip is None else [clip[i] for i in keep]
         keys = None if keys is None else [keys[i] for i in keep]
 
-    temporaries = (2 if l2 == 0 else 3) + (0 if keys is None else 4)
+    temporaries = (2 if l2 == 0 else 3) + (0 if keys is None else 4) + nesterov + 2 * caution
+    decay = 1 - decay_lr(lr, lr_max) * weight_decay if weight_decay != 0 else None
+    weights = None
+    if caution:  # a first pass updates m and counts each tensor's agreeing elements
+        weights = _host_caution_weights(params, grads, exp_avgs, exp_avg_sqs, clip, temporaries, beta1=beta1,
+                                        l2=l2, eps=eps, maximize=maximize, nesterov=nesterov)
     for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
         g, negate = _signed_grads(p, g, l2, maximize)
-        if weight_decay != 0 and keys is None:
-            _scale_(p, 1 - lr * weight_decay)
-        normed = torch._foreach_sqrt(v)
-        torch._foreach_clamp_min_(normed, eps)
-        normed = torch._foreach_div(g, normed)
-        if negate:
-            torch._foreach_neg_(normed)
-        if clip is not None:
-            c = _pick(clip, idx)
-            torch._foreach_clamp_min_(normed, [-x for x in c])
-            torch._foreach_clamp_max_(normed, c)
-        torch._foreach_lerp_(m, normed, 1 - beta1)
-        del normed
+        if decay is not None and keys is None:
+            _scale_(p, decay)
+        update = m
+        if weights is None or nesterov:  # with caution alone, m is already updated
+            normed = _normalised(g, v, eps, negate, None if clip is None else _pick(clip, idx))
+            if weights is None:
+                torch._foreach_lerp_(m, normed, 1 - beta1)
+            if nesterov:
+                update = list(torch._foreach_lerp(m, normed, 1 - beta1))
+            del normed
+        tensor_of = _pick(range(len(params)), idx)
+        if weights is not None:
+            update = [masked(u, agreement(u, g_i, negate), weights[j]) for u, g_i, j in zip(update, g, tensor_of)]
         if keys is None:
-            torch._foreach_add_(p, m, alpha=-lr)
+            torch._foreach_add_(p, update, alpha=-lr)
         else:
-            decay = 1 - lr * weight_decay if weight_decay != 0 else None
-            for p_i, m_i, j in zip(p, m, _pick(range(len(params)), idx)):
+            for p_i, u_i, j in zip(p, update, tensor_of):
                 key = keys[j]
                 if key is not None:
-                    write_rounded_(p_i, m_i, lr, decay, key, _offset(p_i, params[j]))
+                    write_rounded_(p_i, u_i, lr, decay, key, _offset(p_i, params[j]))
                     continue
                 if decay is not None:
                     p_i.mul_(decay)
-                p_i.add_(m_i, alpha=-lr)
+                p_i.add_(u_i, alpha=-lr)
+        del update
         _scale_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         del g  # before the next chunk allocates its own
+
+
+def _host_caution_weights(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    clip: Optional[list[float]],
+    temporaries: int,
+    *,
+    beta1: float,
+    l2: float,
+    eps: float,
+    maximize: bool,
+    nesterov: bool,
+) -> list[Tensor]:
+    """The first pass of a cautious step: ``m`` updated, and each tensor's caution weight
+    (:func:`adopt._variants.caution_weight`) from its agreeing elements, counted over all of
+    its slices. ``v`` is left for the second pass, which needs the old one with Nesterov."""
+    counts: list[Optional[Tensor]] = [None] * len(params)
+    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
+        g, negate = _signed_grads(p, g, l2, maximize)
+        normed = _normalised(g, v, eps, negate, None if clip is None else _pick(clip, idx))
+        torch._foreach_lerp_(m, normed, 1 - beta1)
+        update = torch._foreach_lerp(m, normed, 1 - beta1) if nesterov else m
+        del normed
+        for u, g_i, j in zip(update, g, _pick(range(len(params)), idx)):
+            kept = agreement(u, g_i, negate).sum()
+            counts[j] = kept if counts[j] is None else counts[j] + kept
+    return [caution_weight(cast(Tensor, c), t.numel(), compute_dtype(t)) for c, t in zip(counts, params)]
+
+
+def _normalised(
+    grads: list[Tensor], exp_avg_sqs: list[Tensor], eps: float, negate: bool, clip: Optional[list[float]]
+) -> list[Tensor]:
+    """``clamp(g / max(sqrt(v), eps), -c, c)`` per tensor (negated first if ``negate``)."""
+    normed = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_clamp_min_(normed, eps)
+    normed = torch._foreach_div(grads, normed)
+    if negate:
+        torch._foreach_neg_(normed)
+    if clip is not None:
+        torch._foreach_clamp_min_(normed, [-x for x in clip])
+        torch._foreach_clamp_max_(normed, clip)
+    return list(normed)
 
 
 def _capturable_group(
@@ -218,6 +280,9 @@ def _capturable_group(
     eps: float,
     maximize: bool,
     keys: Optional[list[Optional[Tensor]]] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     """Same rule with per-tensor masks in place of the host split: no sync, no branch.
 
@@ -229,54 +294,112 @@ def _capturable_group(
     """
     active = (torch.stack(steps) > 0).unbind()
     clips = None if clip is None else (clip.unbind(), (-clip).unbind())
-    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], (2 if l2 == 0 else 3)):
+    decay = 1 - decay_lr(lr, lr_max) * weight_decay if weight_decay != 0 else None
+    temporaries = (2 if l2 == 0 else 3) + nesterov + 2 * caution
+    weights = None
+    if caution:  # a first pass updates m and counts each tensor's agreeing elements
+        weights = _capturable_caution_weights(params, grads, exp_avgs, exp_avg_sqs, active, clips, temporaries,
+                                              beta1=beta1, l2=l2, eps=eps, maximize=maximize, nesterov=nesterov)
+    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
         a = _pick(active, idx)
         g, negate = _signed_grads(p, g, l2, maximize)
-        if weight_decay != 0 and keys is None:
-            _copy_where_(p, a, torch._foreach_mul(p, 1 - lr * weight_decay), p)  # type: ignore[arg-type]
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_clamp_min_(denom, eps)
-        normed = list(torch._foreach_div(g, denom))
-        del denom
-        if negate:
-            torch._foreach_neg_(normed)
-        if clips is not None:
-            torch._foreach_maximum_(normed, _pick(clips[1], idx))
-            torch._foreach_minimum_(normed, _pick(clips[0], idx))
-        # At s == 0 the target is m itself, so the lerp leaves m unchanged. Each selection
-        # replaces its normalised gradient at once: one tensor more, not a list.
-        for i, (m_i, a_i) in enumerate(zip(m, a)):
-            normed[i] = torch.where(a_i, normed[i], m_i)
-        torch._foreach_lerp_(m, normed, 1 - beta1)
-        del normed
+        if decay is not None and keys is None:
+            _copy_where_(p, a, torch._foreach_mul(p, decay), p)  # type: ignore[arg-type]
+        update = m
+        if weights is None or nesterov:  # with caution alone, m is already updated
+            normed = _selected_normalised(g, v, m, a, eps, negate, clips, idx)
+            if weights is None:
+                torch._foreach_lerp_(m, normed, 1 - beta1)
+            if nesterov:
+                update = list(torch._foreach_lerp(m, normed, 1 - beta1))
+            del normed
+        tensor_of = _pick(range(len(params)), idx)
+        if weights is not None:
+            update = [masked(u, agreement(u, g_i, negate), weights[j]) for u, g_i, j in zip(update, g, tensor_of)]
         if keys is not None:
             # One tensor at a time, as the single-tensor path computes it.
-            for p_i, m_i, a_i, j in zip(p, m, a, _pick(range(len(params)), idx)):
+            for p_i, u_i, a_i, j in zip(p, update, a, tensor_of):
                 key = keys[j]
                 if key is not None:
-                    write_rounded_where_(p_i, m_i, a_i, lr, weight_decay, key, _offset(p_i, params[j]))
+                    write_rounded_where_(p_i, u_i, a_i, lr, decay, key, _offset(p_i, params[j]))
                     continue
-                if weight_decay != 0:
-                    p_i.copy_(torch.where(a_i, p_i * (1 - lr * weight_decay), p_i))
-                selected = torch.where(a_i, m_i, 0)
+                if decay is not None:
+                    p_i.copy_(torch.where(a_i, p_i * decay, p_i))
+                selected = torch.where(a_i, u_i, 0)
                 if isinstance(lr, Tensor):
                     p_i.sub_(selected * lr)
                 else:
                     p_i.add_(selected, alpha=-lr)
         else:
-            update = [torch.where(a_i, m_i, 0) for m_i, a_i in zip(m, a)]
+            update = [torch.where(a_i, u_i, 0) for u_i, a_i in zip(update, a)]
             if isinstance(lr, Tensor):
                 torch._foreach_mul_(update, lr)
                 torch._foreach_sub_(p, update)
             else:
                 torch._foreach_add_(p, update, alpha=-lr)
-            del update
+        del update
         # v is decayed in place: where s == 0 the selection below discards it for g * g.
         squares = torch._foreach_mul(g, g)
         _scale_(v, beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
         _copy_where_(v, a, v, squares)
         del squares, g  # before the next chunk allocates its own
+
+
+def _selected_normalised(
+    g: list[Tensor],
+    v: list[Tensor],
+    m: list[Tensor],
+    active: list[Tensor],
+    eps: float,
+    negate: bool,
+    clips: Optional[tuple[Sequence[Tensor], Sequence[Tensor]]],
+    idx: Optional[list[int]],
+) -> list[Tensor]:
+    """The normalised gradients of a chunk, ``m`` itself where a tensor takes its first step
+    (so the lerp leaves m unchanged there, and an inf g/eps is never used)."""
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_clamp_min_(denom, eps)
+    normed = list(torch._foreach_div(g, denom))
+    del denom
+    if negate:
+        torch._foreach_neg_(normed)
+    if clips is not None:
+        torch._foreach_maximum_(normed, _pick(clips[1], idx))
+        torch._foreach_minimum_(normed, _pick(clips[0], idx))
+    # Each selection replaces its normalised gradient at once: one tensor more, not a list.
+    for i, (m_i, a_i) in enumerate(zip(m, active)):
+        normed[i] = torch.where(a_i, normed[i], m_i)
+    return normed
+
+
+def _capturable_caution_weights(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    active: Sequence[Tensor],
+    clips: Optional[tuple[Sequence[Tensor], Sequence[Tensor]]],
+    temporaries: int,
+    *,
+    beta1: float,
+    l2: float,
+    eps: float,
+    maximize: bool,
+    nesterov: bool,
+) -> list[Tensor]:
+    """:func:`_host_caution_weights` with the first-step selection, on the device."""
+    counts: list[Optional[Tensor]] = [None] * len(params)
+    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
+        g, negate = _signed_grads(p, g, l2, maximize)
+        normed = _selected_normalised(g, v, m, _pick(active, idx), eps, negate, clips, idx)
+        torch._foreach_lerp_(m, normed, 1 - beta1)
+        update = torch._foreach_lerp(m, normed, 1 - beta1) if nesterov else m
+        del normed
+        for u, g_i, j in zip(update, g, _pick(range(len(params)), idx)):
+            kept = agreement(u, g_i, negate).sum()
+            counts[j] = kept if counts[j] is None else counts[j] + kept
+    return [caution_weight(cast(Tensor, c), t.numel(), compute_dtype(t)) for c, t in zip(counts, params)]
 
 
 def _signed_grads(params: list[Tensor], grads: list[Tensor], l2: float, maximize: bool) -> tuple[list[Tensor], bool]:

@@ -134,6 +134,9 @@ def fused_adopt(
     capturable: bool,
     differentiable: bool,
     seeds: Optional[list[Tensor]] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     """One fused ADOPT step (same arguments and result as ``single_tensor_adopt``).
 
@@ -151,7 +154,8 @@ def fused_adopt(
         raise RuntimeError("`fused` does not support `differentiable`")
     if not params:
         return
-    hyper = _Hyper(beta1, beta2, lr, clip_lambda, weight_decay, decouple, eps, maximize, capturable)
+    hyper = _Hyper(beta1, beta2, lr, clip_lambda, weight_decay, decouple, eps, maximize, capturable, nesterov,
+                   caution, lr_max)
     if torch.compiler.is_compiling():
         _traced_fused_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, has_complex,
                             hyper, seeds)
@@ -216,7 +220,8 @@ def fused_cpu_step(
         beta1, beta2 = group["betas"]
         specs.append(
             (params, lr, beta1, beta2, group["weight_decay"], group["eps"], exponent, mode,
-             group["decouple"], group["maximize"], group["stochastic_rounding"])
+             group["decouple"], group["maximize"], group["nesterov"], group["caution"],
+             group["lr_max"] if group["corrected_weight_decay"] else 0.0, group["stochastic_rounding"])
         )
     status = kernel.step_groups(specs, state, grad_scale, found_inf, torch.get_num_threads())
     return cast(int, status) == kernel.DONE
@@ -234,6 +239,9 @@ class _Hyper(NamedTuple):
     eps: float
     maximize: bool
     capturable: bool
+    nesterov: bool
+    caution: bool
+    lr_max: Optional[float]  # corrected weight decay relative to it; None: off
 
 
 def _cpu_scalar(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -300,7 +308,8 @@ def _run_cpu(
         kernel.step(
             *_lists(group), table, _cpu_scalar(grad_scale), _cpu_scalar(found_inf),
             float(hyper.lr), hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps, exponent, mode,
-            hyper.decouple, hyper.maximize, torch.get_num_threads(), dry_run, group.seeds,
+            hyper.decouple, hyper.maximize, hyper.nesterov, hyper.caution, hyper.lr_max or 0.0,
+            torch.get_num_threads(), dry_run, group.seeds,
         ),
     )
 
@@ -475,7 +484,8 @@ def _plan_fallback(
             params, unscaled, exp_avgs, exp_avg_sqs, steps, None, None,
             has_complex=False, beta1=hyper.beta1, beta2=hyper.beta2, lr=lr, clip_lambda=hyper.clip_lambda,
             weight_decay=hyper.weight_decay, decouple=hyper.decouple, eps=hyper.eps, maximize=hyper.maximize,
-            capturable=hyper.capturable, differentiable=False, seeds=seeds,
+            capturable=hyper.capturable, differentiable=False, seeds=seeds, nesterov=hyper.nesterov,
+            caution=hyper.caution, lr_max=hyper.lr_max,
         )
 
     return run
@@ -523,7 +533,8 @@ def _plan_cuda(
             group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps,
             grad_scale=scale, found_inf=inf, beta1=hyper.beta1, beta2=hyper.beta2, lr=lr,
             clip=clip, weight_decay=hyper.weight_decay, decouple=hyper.decouple, eps=hyper.eps,
-            maximize=hyper.maximize, seeds=seeds,
+            maximize=hyper.maximize, seeds=seeds, nesterov=hyper.nesterov, caution=hyper.caution,
+            lr_max=hyper.lr_max,
         )
         for original, copy in write_back:
             original.copy_(copy)
@@ -553,14 +564,18 @@ def _fused_adopt_cpu_op(
     clip_exponent: Optional[float],
     clip_table: Optional[Tensor],
     seeds: list[Tensor],
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     """One CPU dtype group's fused step as a PyTorch operator, which torch.compile records
     in its graph (the C call itself is opaque to it). ``clip_exponent``: ``s ** exponent``
     thresholds; ``clip_table``: one float64 threshold per tensor; neither: no clipping;
-    ``seeds``: stochastic rounding (empty: nearest)."""
+    ``seeds``: stochastic rounding (empty: nearest); ``lr_max``: corrected weight decay."""
     kernel = cast(ModuleType, _cpu_kernel())
     clip = _kernel_clip(kernel, (clip_exponent, clip_table))
-    hyper = _Hyper(beta1, beta2, lr if lr_tensor is None else lr_tensor, None, weight_decay, decouple, eps, maximize, False)
+    hyper = _Hyper(beta1, beta2, lr if lr_tensor is None else lr_tensor, None, weight_decay, decouple, eps, maximize,
+                   False, nesterov, caution, lr_max)
     group = TensorGroup(params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds or None)
     _plan_cpu_group(kernel, group, grad_scale, found_inf, hyper, clip)()
 
@@ -608,5 +623,6 @@ def _traced_fused_adopt(
         torch.ops.adopt.fused_adopt_cpu_(
             *_lists(group), grad_scale, found_inf, lr if not isinstance(lr, Tensor) else 0.0,
             lr if isinstance(lr, Tensor) else None, hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps,
-            hyper.decouple, hyper.maximize, exponent, table, group.seeds or [],
+            hyper.decouple, hyper.maximize, exponent, table, group.seeds or [], hyper.nesterov, hyper.caution,
+            hyper.lr_max,
         )

@@ -2,11 +2,12 @@
 torch-ops paths (single-tensor, foreach, capturable) compute it.
 
 For a bfloat16/float16 parameter ``p`` at an update step, the new value is formed in float32
-from the stored momentum ``m`` (already rounded to the parameter's dtype), as the fused
+from the update ``u`` (the stored momentum ``m``, already rounded to the parameter's dtype, or
+what :mod:`adopt._variants` derives from it), as the fused
 kernels form it, one rounding per operation (no fused multiply-add)::
 
     x = p * (1 - lr * wd)    (decoupled decay; skipped without)
-    x = x - lr * m
+    x = x - lr * u
     p = stochastic_round(x, bits(key, element index))
 
 so an update far below half an ulp of ``p`` still moves it by the right amount on average,
@@ -50,13 +51,13 @@ def write_rounded_(
 
 
 def write_rounded_where_(
-    param: Tensor, exp_avg: Tensor, active: Tensor, lr: Union[float, Tensor], weight_decay: float,
+    param: Tensor, exp_avg: Tensor, active: Tensor, lr: Union[float, Tensor], decay: Union[None, float, Tensor],
     key: Tensor, offset: int = 0,
 ) -> None:
     """The capturable form: ``active`` (0-d bool) selects the update; where it is False the
     parameter is rewritten unchanged (rounding a representable value returns it)."""
     x = param.float()
-    if weight_decay != 0:
-        x = torch.where(active, x * (1 - lr * weight_decay), x)
+    if decay is not None:
+        x = torch.where(active, x * decay, x)
     update = torch.where(active, exp_avg, 0).float() * lr
     stochastic_round_(param, x - update, key, offset)

@@ -12,7 +12,9 @@ With ``capturable=True`` the ``s == 0`` case is selected arithmetically (``torch
 step has no host synchronisation and no Python branch on tensor values.
 
 With ``seeds`` (``stochastic_rounding=True``), bfloat16/float16 parameters are written back
-with stochastic rounding (:mod:`adopt._rounding`); other dtypes are unaffected.
+with stochastic rounding (:mod:`adopt._rounding`); other dtypes are unaffected. ``nesterov``,
+``caution`` and ``lr_max`` (corrected weight decay) change the update as
+:mod:`adopt._variants` describes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from ._random import SR_DTYPES
 from ._rounding import device_key, host_key, write_rounded_, write_rounded_where_
+from ._variants import cautious, decay_lr
 from .schedules import ClipSchedule
 
 
@@ -48,6 +51,9 @@ def single_tensor_adopt(
     capturable: bool,
     differentiable: bool,
     seeds: Optional[list[Tensor]] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("the single-tensor path expects unscaled gradients (grad_scale/found_inf are fused-only)")
@@ -82,11 +88,12 @@ def single_tensor_adopt(
                 param, grad, exp_avg, exp_avg_sq, step_t, thresholds[i],
                 beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay if decouple else 0.0, eps=eps,
                 key=device_key(seeds[i], step_t) if rounded else None,  # type: ignore[index]
+                nesterov=nesterov, caution=caution, lr_max=lr_max,
             )
         elif host_steps[i] == 0:
             exp_avg_sq.copy_(grad * grad)
         else:
-            decay = 1 - lr * weight_decay if weight_decay != 0 and decouple else None
+            decay = 1 - decay_lr(lr, lr_max) * weight_decay if weight_decay != 0 and decouple else None
             if decay is not None and not rounded:
                 param.mul_(decay)
             normed = grad / exp_avg_sq.sqrt().clamp(min=eps)
@@ -94,13 +101,16 @@ def single_tensor_adopt(
             if clip is not None:
                 normed = normed.clamp(-clip, clip)  # type: ignore[arg-type]
             exp_avg.lerp_(normed, 1 - beta1)
+            update = exp_avg.lerp(normed, 1 - beta1) if nesterov else exp_avg
+            if caution:
+                update = cautious(update, grad)
             if rounded:
-                write_rounded_(param, exp_avg, lr, decay, host_key(seeds[i], host_steps[i]))  # type: ignore[index]
+                write_rounded_(param, update, lr, decay, host_key(seeds[i], host_steps[i]))  # type: ignore[index]
             elif isinstance(lr, Tensor):
                 # Autograd saves the factor for lr's gradient; m changes in place next step.
-                param.sub_((exp_avg.clone() if differentiable else exp_avg) * lr)
+                param.sub_((update.clone() if differentiable and update is exp_avg else update) * lr)
             else:
-                param.add_(exp_avg, alpha=-lr)
+                param.add_(update, alpha=-lr)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_t += 1
 
@@ -119,6 +129,9 @@ def _capturable_update(
     weight_decay: float,
     eps: float,
     key: Optional[Tensor] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     """One tensor's update with the first-step rule as ``torch.where``: no sync, no branch.
 
@@ -126,17 +139,22 @@ def _capturable_update(
     ``key``: write the parameter back with stochastic rounding, with this key.
     """
     active = step_t > 0
-    if weight_decay != 0 and key is None:
-        param.copy_(torch.where(active, param * (1 - lr * weight_decay), param))
+    decay = 1 - decay_lr(lr, lr_max) * weight_decay if weight_decay != 0 else None
+    if decay is not None and key is None:
+        param.copy_(torch.where(active, param * decay, param))
     normed = grad / exp_avg_sq.sqrt().clamp(min=eps)
     if clip is not None:
         normed = torch.clamp(normed, -clip, clip)  # type: ignore[arg-type]
     # At s == 0 this lerps m towards itself: m is unchanged, and an inf g/eps is never used.
     exp_avg.lerp_(torch.where(active, normed, exp_avg), 1 - beta1)
+    # At s == 0 these may hold an inf g/eps; the selections below discard them.
+    update = exp_avg.lerp(normed, 1 - beta1) if nesterov else exp_avg
+    if caution:
+        update = cautious(update, grad)
     if key is not None:
-        write_rounded_where_(param, exp_avg, active, lr, weight_decay, key)
+        write_rounded_where_(param, update, active, lr, decay, key)
     else:
-        update = torch.where(active, exp_avg, 0)
+        update = torch.where(active, update, 0)
         if isinstance(lr, Tensor):
             param.sub_(update * lr)
         else:

@@ -113,6 +113,10 @@ def adopt(
     maximize: bool,
     stochastic_rounding: bool = False,
     seeds: Optional[list[Tensor]] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    corrected_weight_decay: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     """Functional API that performs the ADOPT update on lists of tensors, in place.
 
@@ -120,7 +124,9 @@ def adopt(
     different steps. See :class:`adopt.ADOPT` for the algorithm and the arguments.
     ``stochastic_rounding`` writes float16/bfloat16 parameters back with stochastic rounding;
     it needs ``seeds``, one int64 0-d tensor per parameter (``state["seed"]``), on the device
-    of its step.
+    of its step. ``nesterov``, ``caution`` and ``corrected_weight_decay`` are as in
+    :class:`adopt.ADOPT`; corrected weight decay needs ``lr_max``, the learning rate the
+    decay is relative to (the optimizer passes its group's ``lr_max``).
 
     Raises:
         RuntimeError: non-tensor ``state_steps``; ``foreach``/``fused`` under
@@ -143,6 +149,8 @@ def adopt(
         if seeds is None or len(seeds) != len(params):
             got = "None" if seeds is None else f"{len(seeds)} seeds"
             raise ValueError(f"stochastic_rounding=True needs one seed per parameter ({len(params)}), got {got}")
+    if corrected_weight_decay:
+        check_lr_max(lr_max)
 
     if fused is None and foreach is None:
         path = default_path(params, differentiable, lr, capturable)
@@ -175,4 +183,17 @@ def adopt(
         capturable=capturable,
         differentiable=differentiable,
         seeds=seeds if stochastic_rounding else None,
+        nesterov=nesterov,
+        caution=caution,
+        lr_max=lr_max if corrected_weight_decay else None,
     )
+
+
+def check_lr_max(lr_max: object) -> None:
+    """Raise ValueError unless ``lr_max`` is a finite number > 0 (corrected weight decay
+    divides by it)."""
+    if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or not 0 < lr_max < float("inf"):
+        raise ValueError(
+            f"corrected_weight_decay=True needs lr_max, the peak learning rate, as a finite number > 0, "
+            f"got lr_max={lr_max!r}"
+        )

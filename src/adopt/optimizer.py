@@ -13,7 +13,7 @@ from ._checkpoint import translate_state_dict
 from ._checks import check_tensors
 from ._fused import fused_cpu_step, fused_cuda_available, fused_supported_dtypes
 from ._random import param_seed
-from .functional import adopt
+from .functional import adopt, check_lr_max
 from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
 __all__ = ["ADOPT"]
@@ -68,6 +68,16 @@ class ADOPT(Optimizer):
             a function of a per-parameter seed (``state["seed"]``), the step and the element,
             so every path rounds alike and a resumed run equals an uninterrupted one; see
             docs/low-precision.md.
+        nesterov: Nesterov momentum: the update is ``β1·m + (1 - β1)·n`` with the new ``m``
+            (as optax's contrib ADOPT) instead of ``m`` (default: False).
+        caution: the cautious update (Liang et al. 2024, "Cautious Optimizers"): elements
+            whose update disagrees in sign with the gradient are dropped, the rest scaled by
+            the inverse of the kept fraction (at least 1e-3), per tensor (default: False).
+        corrected_weight_decay: decoupled decay ``θ ← θ·(1 - lr²/lr_max·wd)``, so that decay
+            follows the shape of the lr schedule rather than its scale (Defazio et al. 2025;
+            needs ``decouple=True``). ``lr_max`` is each group's ``lr`` when it was added
+            (``group["lr_max"]``, saved in the state_dict; set it in a group's dict to choose
+            another) (default: False).
 
     Example:
         >>> model = torch.nn.Linear(10, 1)
@@ -90,6 +100,9 @@ class ADOPT(Optimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         stochastic_rounding: bool = False,
+        nesterov: bool = False,
+        caution: bool = False,
+        corrected_weight_decay: bool = False,
     ) -> None:
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         _validate_rounding(stochastic_rounding, differentiable)
@@ -106,6 +119,10 @@ class ADOPT(Optimizer):
             differentiable=differentiable,
             fused=fused,
             stochastic_rounding=stochastic_rounding,
+            nesterov=nesterov,
+            caution=caution,
+            corrected_weight_decay=corrected_weight_decay,
+            lr_max=None,  # each group's own lr when it is added
         )
         super().__init__(params, defaults)
         self.clip_lambda = clip_lambda
@@ -128,6 +145,9 @@ class ADOPT(Optimizer):
             foreach=group["foreach"], capturable=group["capturable"],
         )
         _validate_rounding(group["stochastic_rounding"], group["differentiable"])
+        if group["lr_max"] is None:
+            group["lr_max"] = _number(group["lr"])
+        _validate_options(group)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups; keep the schedule too.
@@ -151,6 +171,11 @@ class ADOPT(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
             group.setdefault("stochastic_rounding", False)
+            group.setdefault("nesterov", False)
+            group.setdefault("caution", False)
+            group.setdefault("corrected_weight_decay", False)
+            if group.get("lr_max") is None:
+                group["lr_max"] = _number(group["lr"])
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 step = p_state.get("step")
@@ -178,6 +203,8 @@ class ADOPT(Optimizer):
         previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
         super().load_state_dict(translated)
         try:
+            for group in self.param_groups:
+                _validate_options(group, f"loaded state_dict, param_groups[{self.param_groups.index(group)}]: ")
             self._restore_seeds(state_dict)
             self._check_state_shapes()
         except ValueError:
@@ -392,6 +419,10 @@ class ADOPT(Optimizer):
                 maximize=group["maximize"],
                 stochastic_rounding=group["stochastic_rounding"],
                 seeds=lists[5] if group["stochastic_rounding"] else None,
+                nesterov=group["nesterov"],
+                caution=group["caution"],
+                corrected_weight_decay=group["corrected_weight_decay"],
+                lr_max=group["lr_max"],
             )
         return loss
 
@@ -464,6 +495,26 @@ def _number(x: object) -> Optional[float]:
 def _finite_at_least_zero(x: object) -> bool:
     value = _number(x)
     return value is not None and 0.0 <= value < float("inf")
+
+
+def _validate_options(group: dict[str, Any], prefix: str = "") -> None:
+    """Raise ValueError for a nesterov/caution/corrected_weight_decay that is not a bool, or a
+    corrected weight decay that cannot apply (L2 decay, or no positive ``lr_max``)."""
+    for key in ("nesterov", "caution", "corrected_weight_decay"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{prefix}{key} must be True or False, got {key}={group[key]!r}")
+    if group["corrected_weight_decay"]:
+        if not group["decouple"]:
+            raise ValueError(
+                f"{prefix}corrected_weight_decay=True scales decoupled weight decay: it needs decouple=True"
+            )
+        try:
+            check_lr_max(group["lr_max"])
+        except ValueError as exc:
+            raise ValueError(
+                f"{prefix}{exc} (lr_max is the group's lr when it was added: construct the optimizer with the "
+                "peak lr, or set 'lr_max' in the param group)"
+            ) from None
 
 
 def _validate_rounding(stochastic_rounding: object, differentiable: bool) -> None:

@@ -153,13 +153,22 @@ typedef struct {
     double gscale, l2, decay, lr, b1c, b2, b2c, eps;
 } coef_double;
 
+/* Whether a and b have the same nonzero sign (an exact sign test: no product to underflow). */
+#define ADOPT_AGREE(a, b) ((((a) > 0) & ((b) > 0)) | (((a) < 0) & ((b) < 0)))
+
 /*
  * first_*:  the tensor's first step, v = g'^2 (p and m are left alone).
  * update_*: every later step; `clip` is +inf when clipping is off, which leaves n as is.
  * g' = g * gscale (+ l2 * p when L2 decay is on); gscale folds AMP unscaling and maximize.
- * `l2_on` and `sr_on` are compile-time constants at every call site, so each variant is its
- * own loop. With `sr_on` (16-bit types only) p is written back with stochastic rounding from
- * the stored m, element i of the segment drawing the word of index `base + i` under `key`.
+ * `l2_on`, `sr_on` and `nesterov` are compile-time constants at every call site, so each
+ * variant is its own loop. With `sr_on` (16-bit types only) p is written back with stochastic
+ * rounding from the stored m, element i of the segment drawing the word of index `base + i`
+ * under `key`. With `nesterov` the update is lerp(m, n, 1 - beta1) instead of m.
+ * A cautious step (adopt/_variants.py) takes two passes, since each tensor's weight w depends
+ * on all of its elements: moment_* updates m (and v, unless Nesterov needs the old v in the
+ * second pass) and returns how many elements of the update agree in sign with g'; apply_*
+ * then writes p with the update times w where they agree, 0 elsewhere. Both form the update
+ * from the stored m, so they count and mask the same elements.
  */
 #define ADOPT_DEFINE_LOOPS(SUF, T, C, LOAD, STORE, STORE_SR, SQRT)                               \
     ADOPT_INLINE void first_##SUF(const T *restrict p, const T *restrict g, T *restrict v,       \
@@ -172,32 +181,87 @@ typedef struct {
             v[i] = STORE(gi * gi);                                                                \
         }                                                                                         \
     }                                                                                             \
+    /* The normalised, clipped gradient of g' over v. */                                         \
+    ADOPT_INLINE C normalised_##SUF(const C gi, const C vi, const coef_##C *k, const C clip) {    \
+        C d = SQRT(vi);                                                                           \
+        d = d < k->eps ? k->eps : d;                                                              \
+        C u = gi / d;                                                                             \
+        u = u < -clip ? -clip : u;                                                                \
+        return u > clip ? clip : u;                                                               \
+    }                                                                                             \
     ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
-                                    const int l2_on, const int sr_on, const uint32_t key,        \
-                                    const uint32_t base) {                                        \
+                                    const int l2_on, const int sr_on, const int nesterov,        \
+                                    const uint32_t key, const uint32_t base) {                    \
         const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \
-        const C b2 = k->b2, b2c = k->b2c, eps = k->eps, lo = -clip;                               \
+        const C b2 = k->b2, b2c = k->b2c;                                                         \
         ADOPT_SIMD                                                                                \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
             C gi = LOAD(g[i]) * gs;                                                               \
             if (l2_on) gi = gi + l2 * pi;                                                         \
             const C vi = LOAD(v[i]);                                                              \
-            C d = SQRT(vi);                                                                       \
-            d = d < eps ? eps : d;                                                                \
-            C u = gi / d;                                                                         \
-            u = u < lo ? lo : u;                                                                  \
-            u = u > clip ? clip : u;                                                              \
+            const C u = normalised_##SUF(gi, vi, k, clip);                                        \
             C mi = LOAD(m[i]);                                                                    \
             mi = mi + b1c * (u - mi);                                                             \
             const T ms = STORE(mi);                                                               \
-            if (sr_on)                                                                            \
-                p[i] = STORE_SR(pi * decay - lr * LOAD(ms), element_word(key, base + (uint32_t)i)); \
-            else                                                                                  \
-                p[i] = STORE(pi * decay - lr * mi);                                               \
+            if (sr_on) {                                                                          \
+                const C mu = LOAD(ms);                                                            \
+                const C up = nesterov ? mu + b1c * (u - mu) : mu;                                 \
+                p[i] = STORE_SR(pi * decay - lr * up, element_word(key, base + (uint32_t)i));     \
+            } else {                                                                              \
+                const C up = nesterov ? mi + b1c * (u - mi) : mi;                                 \
+                p[i] = STORE(pi * decay - lr * up);                                               \
+            }                                                                                     \
             m[i] = ms;                                                                            \
             v[i] = STORE(b2 * vi + b2c * (gi * gi));                                              \
+        }                                                                                         \
+    }                                                                                             \
+    ADOPT_INLINE int64_t moment_##SUF(const T *restrict p, const T *restrict g, T *restrict m,   \
+                                       T *restrict v, int64_t n, const coef_##C *k, const C clip, \
+                                       const int l2_on, const int nesterov) {                     \
+        const C gs = k->gscale, l2 = k->l2, b1c = k->b1c, b2 = k->b2, b2c = k->b2c;               \
+        int64_t kept = 0;                                                                         \
+        _Pragma("omp simd reduction(+ : kept)")                                                   \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            C gi = LOAD(g[i]) * gs;                                                               \
+            if (l2_on) gi = gi + l2 * LOAD(p[i]);                                                 \
+            const C vi = LOAD(v[i]);                                                              \
+            const C u = normalised_##SUF(gi, vi, k, clip);                                        \
+            C mi = LOAD(m[i]);                                                                    \
+            mi = mi + b1c * (u - mi);                                                             \
+            const T ms = STORE(mi);                                                               \
+            const C mu = LOAD(ms);                                                                \
+            const C up = nesterov ? mu + b1c * (u - mu) : mu;                                     \
+            kept += ADOPT_AGREE(up, gi);                                                          \
+            m[i] = ms;                                                                            \
+            if (!nesterov) v[i] = STORE(b2 * vi + b2c * (gi * gi));                               \
+        }                                                                                         \
+        return kept;                                                                              \
+    }                                                                                             \
+    ADOPT_INLINE void apply_##SUF(T *restrict p, const T *restrict g, const T *restrict m,       \
+                                   T *restrict v, int64_t n, const coef_##C *k, const C clip,    \
+                                   const C w, const int l2_on, const int sr_on,                   \
+                                   const int nesterov, const uint32_t key, const uint32_t base) { \
+        const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \
+        const C b2 = k->b2, b2c = k->b2c;                                                         \
+        ADOPT_SIMD                                                                                \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            const C pi = LOAD(p[i]);                                                              \
+            C gi = LOAD(g[i]) * gs;                                                               \
+            if (l2_on) gi = gi + l2 * pi;                                                         \
+            const C mu = LOAD(m[i]);                                                              \
+            C up = mu;                                                                            \
+            if (nesterov) {                                                                       \
+                const C vi = LOAD(v[i]);                                                          \
+                up = mu + b1c * (normalised_##SUF(gi, vi, k, clip) - mu);                         \
+                v[i] = STORE(b2 * vi + b2c * (gi * gi));                                          \
+            }                                                                                     \
+            up = up * (ADOPT_AGREE(up, gi) ? w : (C)0);                                           \
+            if (sr_on)                                                                            \
+                p[i] = STORE_SR(pi * decay - lr * up, element_word(key, base + (uint32_t)i));     \
+            else                                                                                  \
+                p[i] = STORE(pi * decay - lr * up);                                               \
         }                                                                                         \
     }
 
@@ -218,51 +282,88 @@ typedef struct {
     int first;      /* step count was 0 */
     int sr;         /* stochastic rounding of p (16-bit types with seeds) */
     uint32_t key;   /* its key for this step */
+    int64_t kept;   /* caution: elements whose update agrees with g' (summed over threads) */
+    double weight;  /* caution: 1 / max(kept / numel, 1e-3), rounded in the compute type */
 } tensor_info;
 
-/* Runs one (first|update) x (l2 off|on) x (nearest|stochastic) variant on elements [b, e) of
- * tensor `i`; stochastic rounding only where SR_OK (16-bit types), in pieces that do not
- * cross a multiple of 2^32 elements (the word's high index part is folded into the key). */
+/* What one pass over a range does: the whole step, or a cautious step's first or second pass. */
+typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
+
+/* Expands CALL(SUF, l2_on, sr_on, nesterov) with the flags as constants, chosen by `bits`
+ * (l2_on | sr_on << 1 | nesterov << 2), so each combination is its own loop. */
+#define ADOPT_VARIANTS(bits, CALL, SUF)                                                          \
+    switch (bits) {                                                                               \
+    case 0: CALL(SUF, 0, 0, 0); break;                                                            \
+    case 1: CALL(SUF, 1, 0, 0); break;                                                            \
+    case 2: CALL(SUF, 0, 1, 0); break;                                                            \
+    case 3: CALL(SUF, 1, 1, 0); break;                                                            \
+    case 4: CALL(SUF, 0, 0, 1); break;                                                            \
+    case 5: CALL(SUF, 1, 0, 1); break;                                                            \
+    case 6: CALL(SUF, 0, 1, 1); break;                                                            \
+    default: CALL(SUF, 1, 1, 1); break;                                                           \
+    }
+
+/* The loops of ADOPT_SEGMENT on its piece [s_, t_) (its locals). */
+#define ADOPT_CALL_UPDATE(SUF, L2, SR, NE)                                                        \
+    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, k_, clip_, L2, SR, NE, key_, (uint32_t)s_)
+#define ADOPT_CALL_APPLY(SUF, L2, SR, NE)                                                         \
+    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, k_, clip_, w_, L2, SR, NE, key_, (uint32_t)s_)
+#define ADOPT_CALL_MOMENTS(SUF, L2, SR, NE)                                                       \
+    kept_ = moment_##SUF(p_, g_, m_, v_, e - b, k_, clip_, L2, NE)
+
+/* Runs `pass` on elements [b, e) of tensor `i`; stochastic rounding only where SR_OK (16-bit
+ * types), in pieces that do not cross a multiple of 2^32 elements (the word's high index
+ * part is folded into the key). */
 #define ADOPT_SEGMENT(SUF, T, C, K, SR_OK)                                                        \
     do {                                                                                          \
         T *p_ = (T *)a->p[i] + b, *m_ = (T *)a->m[i] + b, *v_ = (T *)a->v[i] + b;                 \
         const T *g_ = (const T *)a->g[i] + b;                                                     \
-        const C clip_ = (C)info[i].clip;                                                          \
+        const coef_##C *k_ = &K;                                                                  \
+        const C clip_ = (C)info[i].clip, w_ = (C)info[i].weight;                                  \
+        const int sr_ = SR_OK && info[i].sr;                                                      \
         if (info[i].first) {                                                                      \
-            if (l2_on) first_##SUF(p_, g_, v_, e - b, &K, 1);                                     \
-            else first_##SUF(p_, g_, v_, e - b, &K, 0);                                           \
-        } else if (SR_OK && info[i].sr) {                                                         \
+            if (pass == PASS_APPLY) break;                                                        \
+            if (l2_on) first_##SUF(p_, g_, v_, e - b, k_, 1);                                     \
+            else first_##SUF(p_, g_, v_, e - b, k_, 0);                                           \
+        } else if (pass == PASS_MOMENTS) {                                                        \
+            int64_t kept_ = 0;                                                                    \
+            ADOPT_VARIANTS(l2_on | nesterov << 2, ADOPT_CALL_MOMENTS, SUF)                        \
+            _Pragma("omp atomic")                                                                 \
+            info[i].kept += kept_;                                                                \
+        } else {                                                                                  \
             for (int64_t s_ = b; s_ < e;) {                                                       \
-                const int64_t stop_ = ((s_ >> 32) + 1) << 32;                                     \
-                const int64_t t_ = e < stop_ ? e : stop_;                                         \
-                const uint32_t key_ = info[i].key ^ mix32((uint32_t)(s_ >> 32));                  \
+                int64_t t_ = e;                                                                   \
+                uint32_t key_ = 0u;                                                               \
+                if (sr_) {                                                                        \
+                    const int64_t stop_ = ((s_ >> 32) + 1) << 32;                                 \
+                    t_ = e < stop_ ? e : stop_;                                                   \
+                    key_ = info[i].key ^ mix32((uint32_t)(s_ >> 32));                             \
+                }                                                                                 \
                 const int64_t o_ = s_ - b;                                                        \
-                if (l2_on)                                                                        \
-                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, &K, clip_, 1, 1, key_, \
-                                 (uint32_t)s_);                                                   \
-                else                                                                              \
-                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, &K, clip_, 0, 1, key_, \
-                                 (uint32_t)s_);                                                   \
+                if (pass == PASS_STEP) {                                                          \
+                    ADOPT_VARIANTS(l2_on | sr_ << 1 | nesterov << 2, ADOPT_CALL_UPDATE, SUF)      \
+                } else {                                                                          \
+                    ADOPT_VARIANTS(l2_on | sr_ << 1 | nesterov << 2, ADOPT_CALL_APPLY, SUF)       \
+                }                                                                                 \
                 s_ = t_;                                                                          \
             }                                                                                     \
-        } else if (l2_on) {                                                                       \
-            update_##SUF(p_, g_, m_, v_, e - b, &K, clip_, 1, 0, 0u, 0u);                         \
-        } else {                                                                                  \
-            update_##SUF(p_, g_, m_, v_, e - b, &K, clip_, 0, 0, 0u, 0u);                         \
         }                                                                                         \
     } while (0)
 
 ADOPT_CLONES
-static void process_range(const adopt_cpu_args *a, const tensor_info *info, int64_t lo,
-                          int64_t hi) {
+static void process_range(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi,
+                          const pass_t pass) {
     const int64_t n = a->n_tensors;
     const int l2_on = a->weight_decay != 0.0 && !a->decouple;
+    const int nesterov = a->nesterov != 0;
+    /* Corrected weight decay: the decay's lr is lr * lr / lr_max (adopt/_variants.py). */
+    const double decay_lr = a->lr_max > 0.0 ? a->lr * a->lr / a->lr_max : a->lr;
     double gscale = a->grad_scale != NULL ? 1.0 / (double)*a->grad_scale : 1.0;
     if (a->maximize) gscale = -gscale;
     const coef_double kd = {
         .gscale = gscale,
         .l2 = a->weight_decay,
-        .decay = a->decouple ? 1.0 - a->lr * a->weight_decay : 1.0,
+        .decay = a->decouple ? 1.0 - decay_lr * a->weight_decay : 1.0,
         .lr = a->lr,
         .b1c = 1.0 - a->beta1,
         .b2 = a->beta2,
@@ -302,6 +403,21 @@ static void process_range(const adopt_cpu_args *a, const tensor_info *info, int6
 }
 
 /* ---- entry point -------------------------------------------------------------------- */
+
+/* Each updated tensor's caution weight from its count, rounded as adopt/_variants.py rounds
+ * it: in float64 for float64 tensors, else in float32. */
+static void caution_weights(const adopt_cpu_args *a, tensor_info *info) {
+    for (int64_t i = 0; i < a->n_tensors; i++) {
+        if (info[i].first) continue;
+        if (a->dtype == ADOPT_F64) {
+            const double kept = (double)info[i].kept / (double)a->numel[i];
+            info[i].weight = 1.0 / (kept < 1e-3 ? 1e-3 : kept);
+        } else {
+            const float kept = (float)info[i].kept / (float)a->numel[i];
+            info[i].weight = (double)(1.0f / (kept < 1e-3f ? 1e-3f : kept));
+        }
+    }
+}
 
 /*
  * Busy CPUs. The work is split statically, so a call lasts until its slowest thread is done;
@@ -355,6 +471,8 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
         info[i].first = s == 0.0f;
         info[i].sr = sr;
         info[i].key = sr ? param_key(*a->seed[i], (uint32_t)s) : 0u;
+        info[i].kept = 0;
+        info[i].weight = 0.0;
         switch (a->clip_mode) {
         case ADOPT_CLIP_TABLE: info[i].clip = a->clip_table[i]; break;
         case ADOPT_CLIP_POWER:
@@ -373,6 +491,8 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
     info[n].first = 0;
     info[n].sr = 0;
     info[n].key = 0u;
+    info[n].kept = 0;
+    info[n].weight = 0.0;
 
     int nt = threads_for(total, a->num_threads);
 #ifdef _OPENMP
@@ -393,7 +513,13 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
             chunk = (chunk + ADOPT_RANGE_ALIGN - 1) / ADOPT_RANGE_ALIGN * ADOPT_RANGE_ALIGN;
             const int64_t lo = tid * chunk < total ? tid * chunk : total;
             const int64_t hi = lo + chunk < total ? lo + chunk : total;
-            if (lo < hi) process_range(a, info, lo, hi);
+            if (lo < hi) process_range(a, info, lo, hi, a->caution ? PASS_MOMENTS : PASS_STEP);
+            if (a->caution) { /* the same condition in every thread: all reach the barriers */
+#pragma omp barrier
+#pragma omp single
+                caution_weights(a, info);
+                if (lo < hi) process_range(a, info, lo, hi, PASS_APPLY);
+            }
         }
         double latest = call_start;
         for (int t = 0; t < team; t++) latest = started[t] > latest ? started[t] : latest;
@@ -402,8 +528,12 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
             serial_until = omp_get_wtime() + ADOPT_SERIAL_PERIOD;
         }
 #endif
+    } else if (a->caution) {
+        process_range(a, info, 0, total, PASS_MOMENTS);
+        caution_weights(a, info);
+        process_range(a, info, 0, total, PASS_APPLY);
     } else {
-        process_range(a, info, 0, total);
+        process_range(a, info, 0, total, PASS_STEP);
     }
     for (int64_t i = 0; i < n; i++) *a->step[i] += 1.0f;
     free(info);

@@ -46,6 +46,9 @@ typedef struct {
     double lr, beta1, beta2, weight_decay, eps;
     int decouple;            /* decoupled (AdamW-style) weight decay instead of L2 */
     int maximize;
+    int nesterov;            /* update lerp(m, n, 1 - beta1) instead of m */
+    int caution;             /* cautious update: sign-agreeing elements, rescaled per tensor */
+    double lr_max;           /* > 0: corrected decoupled decay, lr * lr / lr_max; 0: off */
     int num_threads;         /* upper bound on OpenMP threads (<= 1: serial) */
 } adopt_cpu_args;
 

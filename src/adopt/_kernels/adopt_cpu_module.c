@@ -881,8 +881,8 @@ static int validate(PyObject **items[N_LISTS], PyObject *const *seeds, Py_ssize_
 /* ---- hyperparameters and the kernel call ------------------------------------------------ */
 
 typedef struct {
-    double lr, beta1, beta2, weight_decay, eps, clip_exponent;
-    int clip_mode, decouple, maximize;
+    double lr, beta1, beta2, weight_decay, eps, clip_exponent, lr_max;
+    int clip_mode, decouple, maximize, nesterov, caution;
 } hyper_t;
 
 static int float_arg(PyObject *const *args, int i, double *out) {
@@ -901,13 +901,14 @@ static int bool_arg(PyObject *const *args, int i, int *out) {
     return *out < 0 ? -1 : 0;
 }
 
-/* Reads lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode, decouple, maximize
- * from args[0..8]. */
+/* Reads lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode, decouple, maximize,
+ * nesterov, caution, lr_max from args[0..11]. */
 static int hyper_args(PyObject *const *args, hyper_t *h) {
     if (float_arg(args, 0, &h->lr) || float_arg(args, 1, &h->beta1) || float_arg(args, 2, &h->beta2) ||
         float_arg(args, 3, &h->weight_decay) || float_arg(args, 4, &h->eps) ||
         float_arg(args, 5, &h->clip_exponent) || int_arg(args, 6, &h->clip_mode) ||
-        bool_arg(args, 7, &h->decouple) || bool_arg(args, 8, &h->maximize))
+        bool_arg(args, 7, &h->decouple) || bool_arg(args, 8, &h->maximize) ||
+        bool_arg(args, 9, &h->nesterov) || bool_arg(args, 10, &h->caution) || float_arg(args, 11, &h->lr_max))
         return -1;
     if (h->clip_mode < ADOPT_CLIP_NONE || h->clip_mode > ADOPT_CLIP_POWER) {
         PyErr_Format(PyExc_ValueError, "unknown clip_mode %d", h->clip_mode);
@@ -941,6 +942,9 @@ static adopt_cpu_args kernel_args(const table_t *t, const hyper_t *h, const doub
         .eps = h->eps,
         .decouple = h->decouple,
         .maximize = h->maximize,
+        .nesterov = h->nesterov,
+        .caution = h->caution,
+        .lr_max = h->lr_max,
         .num_threads = t->serial ? 1 : num_threads,
     };
     return a;
@@ -957,16 +961,17 @@ static int amp_scalar(PyObject *t, const char *name, const float **out) {
 PyDoc_STRVAR(step_doc,
              "step(params, grads, exp_avgs, exp_avg_sqs, state_steps, clip_table, grad_scale,\n"
              "     found_inf, lr, beta1, beta2, weight_decay, eps, clip_exponent, clip_mode,\n"
-             "     decouple, maximize, num_threads, dry_run, seeds) -> int\n\n"
+             "     decouple, maximize, nesterov, caution, lr_max, num_threads, dry_run, seeds) -> int\n\n"
              "One fused ADOPT step over CPU tensors of one dtype (float32/64, float16, "
              "bfloat16).\nReturns DONE, or NEEDS_GROUPING / NEEDS_CONTIGUOUS / NEEDS_UNWRAP without "
              "changing anything.\nclip_mode: CLIP_NONE, CLIP_TABLE (clip_table: float64 tensor, one "
              "threshold per\ntensor) or CLIP_POWER (threshold = step ** clip_exponent). dry_run: "
              "validate only\n(same result, nothing runs). seeds: None (round to nearest) or one int64\n"
-             "CPU scalar per tensor: float16/bfloat16 params are written with stochastic rounding.");
+             "CPU scalar per tensor: float16/bfloat16 params are written with stochastic rounding.\n"
+             "lr_max > 0: corrected weight decay relative to it (0: off).");
 
-/* Positional arguments of step(): 8 objects, the hyperparameters, 2 ints, the seeds. */
-#define STEP_NARGS 20
+/* Positional arguments of step(): 8 objects, 12 hyperparameters, 2 ints, the seeds. */
+#define STEP_NARGS 23
 
 /* Snapshots of the 5 lists (new tuples in lists[], their items in items[]), all of one
  * length *n. Runs Python code (iteration). Returns 0 or -1. */
@@ -1001,11 +1006,11 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     hyper_t h;
     int num_threads, dry_run;
     /* Phase 1: everything that can run Python code. */
-    if (hyper_args(args + 8, &h) || int_arg(args, 17, &num_threads) || bool_arg(args, 18, &dry_run) ||
+    if (hyper_args(args + 8, &h) || int_arg(args, 20, &num_threads) || bool_arg(args, 21, &dry_run) ||
         snapshot_lists(args, lists, items, &n) < 0 || (!dry_run && n > 0 && bump_versions(lists[0]) < 0))
         goto done;
-    if (args[19] != Py_None) {
-        seeds = PySequence_Tuple(args[19]);
+    if (args[22] != Py_None) {
+        seeds = PySequence_Tuple(args[22]);
         if (seeds == NULL) goto done;
         if (PyTuple_GET_SIZE(seeds) != n) {
             PyErr_Format(PyExc_ValueError, "seeds has %zd entries but params has %zd", PyTuple_GET_SIZE(seeds), n);
@@ -1159,21 +1164,21 @@ PyDoc_STRVAR(step_groups_doc,
              "step_groups(groups, state, grad_scale, found_inf, num_threads) -> int\n\n"
              "One fused step of an optimizer's param groups. Each group is a tuple (params, lr,\n"
              "beta1, beta2, weight_decay, eps, clip_exponent, clip_mode, decouple, maximize,\n"
-             "stochastic_rounding); state maps each param to its dict of exp_avg, exp_avg_sq and\n"
+             "nesterov, caution, lr_max, stochastic_rounding); state maps each param to its dict of exp_avg, exp_avg_sq and\n"
              "step (and seed, with stochastic_rounding). Returns DONE\n"
              "once every group is updated, or DECLINED, having changed nothing, whenever the\n"
              "general path must run instead (a param without state, a tensor this kernel does\n"
              "not take, or any error, which the general path then reports).");
 
-#define GROUP_FIELDS 11
+#define GROUP_FIELDS 14
 
 static int gather_group(PyObject *spec, PyObject *state, Py_ssize_t *pos, group_t *g) {
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != GROUP_FIELDS) {
-        PyErr_SetString(PyExc_TypeError, "each group must be a tuple of 11 fields");
+        PyErr_SetString(PyExc_TypeError, "each group must be a tuple of 14 fields");
         return -1;
     }
     PyObject *const *fields = &PyTuple_GET_ITEM(spec, 0);
-    if (hyper_args(fields + 1, &g->hyper) < 0 || bool_arg(fields, 10, &g->rounded) < 0) return -1;
+    if (hyper_args(fields + 1, &g->hyper) < 0 || bool_arg(fields, 13, &g->rounded) < 0) return -1;
     return gather(fields[0], state, pos, g);
 }
 
