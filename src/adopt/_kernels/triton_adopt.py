@@ -127,20 +127,8 @@ if triton is not None:
         tl.store(v_ptr + offs, (g * g).to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, inv_scale, lr, wd, decay,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, clip, key,
-                    COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
-                    ROUNDED: tl.constexpr):
-        """s >= 1: normalise by the old v, clip, update m and p, then v. ROUNDED: p written
-        back with stochastic rounding under ``key`` (offsets' high part folded into it)."""
-        g = _grad(g_ptr, offs, mask, inv_scale, COMPUTE, MAXIMIZE)
-        p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
-        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
-        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
-        if WD_MODE == 1:
-            g = g + wd * p
-        if WD_MODE == 2:
-            p = p * decay
+    def _normalised(g, v, eps, clip, COMPUTE: tl.constexpr):
+        """clamp(g / max(sqrt(v), eps), -clip, clip), IEEE-rounded."""
         if COMPUTE == tl.float64:  # float64 sqrt and division are IEEE-rounded already
             root = tl.sqrt(v)
             n = g / tl.where(root < eps, eps, root)  # max(sqrt(v), eps), NaN-propagating
@@ -149,30 +137,110 @@ if triton is not None:
             n = tl.div_rn(g, tl.where(root < eps, eps, root))
         if clip is not None:
             n = tl.where(n > clip, clip, tl.where(n < -clip, -clip, n))
-        m = m + one_minus_beta1 * (n - m)
-        v = beta2 * v + one_minus_beta2 * (g * g)
+        return n
+
+    @triton.jit
+    def _store_param(p_ptr, offs, mask, p, key, ROUNDED: tl.constexpr):
+        """Write p back: to nearest, or with stochastic rounding under ``key``."""
         if ROUNDED:
-            m_stored = m.to(m_ptr.dtype.element_ty)
-            p = p - lr * m_stored.to(COMPUTE)
             r = _mix32(offs.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32) ^ key)
             tl.store(p_ptr + offs, _round_stochastic(p, r, p_ptr.dtype.element_ty), mask=mask)
-            tl.store(m_ptr + offs, m_stored, mask=mask)
+        else:
+            tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _agree(u, g):
+        """Whether u and g have the same nonzero sign."""
+        return ((u > 0) & (g > 0)) | ((u < 0) & (g < 0))
+
+    @triton.jit
+    def _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, inv_scale, lr, wd, decay,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, clip, key,
+                    COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+                    ROUNDED: tl.constexpr, NESTEROV: tl.constexpr):
+        """s >= 1: normalise by the old v, clip, update m and p, then v. ROUNDED: p written
+        back with stochastic rounding under ``key`` (offsets' high part folded into it), from
+        the stored m. NESTEROV: the update is lerp(m, n, 1 - beta1)."""
+        g = _grad(g_ptr, offs, mask, inv_scale, COMPUTE, MAXIMIZE)
+        p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+        if WD_MODE == 1:
+            g = g + wd * p
+        if WD_MODE == 2:
+            p = p * decay
+        n = _normalised(g, v, eps, clip, COMPUTE)
+        m = m + one_minus_beta1 * (n - m)
+        v = beta2 * v + one_minus_beta2 * (g * g)
+        m_stored = m.to(m_ptr.dtype.element_ty)
+        if ROUNDED:
+            m = m_stored.to(COMPUTE)
+        if NESTEROV:
+            p = p - lr * (m + one_minus_beta1 * (n - m))
         else:
             p = p - lr * m
-            tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-            tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        _store_param(p_ptr, offs, mask, p, key, ROUNDED)
+        tl.store(m_ptr + offs, m_stored, mask=mask)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _moment_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, inv_scale, wd, one_minus_beta1, beta2,
+                     one_minus_beta2, eps, clip, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                     WD_MODE: tl.constexpr, NESTEROV: tl.constexpr):
+        """A cautious step's first pass: m updated (and v, unless Nesterov needs the old v in
+        the second pass); returns how many elements' update agrees in sign with g."""
+        g = _grad(g_ptr, offs, mask, inv_scale, COMPUTE, MAXIMIZE)
+        m = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+        if WD_MODE == 1:
+            g = g + wd * tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+        n = _normalised(g, v, eps, clip, COMPUTE)
+        m_stored = (m + one_minus_beta1 * (n - m)).to(m_ptr.dtype.element_ty)
+        u = m_stored.to(COMPUTE)
+        if NESTEROV:
+            u = u + one_minus_beta1 * (n - u)
+        agree = _agree(u, g)
+        if mask is not None:
+            agree = agree & mask
+        tl.store(m_ptr + offs, m_stored, mask=mask)
+        if not NESTEROV:
+            tl.store(v_ptr + offs, (beta2 * v + one_minus_beta2 * (g * g)).to(v_ptr.dtype.element_ty), mask=mask)
+        return tl.sum(agree.to(tl.int64), axis=0)
+
+    @triton.jit
+    def _apply_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, inv_scale, lr, wd, decay, weight,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, clip, key,
+                    COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+                    ROUNDED: tl.constexpr, NESTEROV: tl.constexpr):
+        """A cautious step's second pass: p moved by the update times ``weight`` where it
+        agrees in sign with g, not at all elsewhere (and v updated, with Nesterov)."""
+        g = _grad(g_ptr, offs, mask, inv_scale, COMPUTE, MAXIMIZE)
+        p = tl.load(p_ptr + offs, mask=mask).to(COMPUTE)
+        u = tl.load(m_ptr + offs, mask=mask).to(COMPUTE)
+        if WD_MODE == 1:
+            g = g + wd * p
+        if WD_MODE == 2:
+            p = p * decay
+        if NESTEROV:
+            v = tl.load(v_ptr + offs, mask=mask).to(COMPUTE)
+            u = u + one_minus_beta1 * (_normalised(g, v, eps, clip, COMPUTE) - u)
+            tl.store(v_ptr + offs, (beta2 * v + one_minus_beta2 * (g * g)).to(v_ptr.dtype.element_ty), mask=mask)
+        u = u * tl.where(_agree(u, g), weight, 0.0)
+        _store_param(p_ptr, offs, mask, p - lr * u, key, ROUNDED)
+
+    @triton.jit
     def _adopt_kernel(
-        rows_ptr, blocks_ptr, counters_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, thresholds_ptr, seeds_ptr,
-        lr_value: tl.float64, beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64,
-        eps: tl.float64, clip_exponent: tl.float64,
+        rows_ptr, blocks_ptr, counters_ptr, kept_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, thresholds_ptr,
+        seeds_ptr, lr_value: tl.float64, beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64,
+        eps: tl.float64, clip_exponent: tl.float64, lr_max: tl.float64,
         DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, WD_MODE: tl.constexpr,
         CLIP_MODE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-        ROW: tl.constexpr, ROUNDED: tl.constexpr,
+        ROW: tl.constexpr, ROUNDED: tl.constexpr, NESTEROV: tl.constexpr, CORRECTED: tl.constexpr,
+        PASS: tl.constexpr,
     ):
-        """One program per (tensor, chunk) pair of the block map; see the module docstring."""
+        """One program per (tensor, chunk) pair of the block map; see the module docstring.
+        PASS 0: the whole step; a cautious step runs PASS 1 (moments, counts) then PASS 2
+        (the parameters; it also advances the steps)."""
         pid = tl.program_id(0)
         t = tl.load(blocks_ptr + 2 * pid)
         chunk = tl.load(blocks_ptr + 2 * pid + 1)
@@ -205,14 +273,15 @@ if triton is not None:
             wd = tl.full((), weight_decay, COMPUTE)
 
             if step == 0.0:
-                if full:
-                    _first_step(p_ptr, g_ptr, v_ptr, offs, None, inv_scale, wd,
-                                COMPUTE, MAXIMIZE, WD_MODE)
-                else:
-                    for sub in tl.range(0, BLOCK, TAIL):
-                        o = start + sub + tl.arange(0, TAIL)
-                        _first_step(p_ptr, g_ptr, v_ptr, o, o < numel, inv_scale, wd,
+                if PASS != 2:  # a cautious step's second pass finds v set by the first
+                    if full:
+                        _first_step(p_ptr, g_ptr, v_ptr, offs, None, inv_scale, wd,
                                     COMPUTE, MAXIMIZE, WD_MODE)
+                    else:
+                        for sub in tl.range(0, BLOCK, TAIL):
+                            o = start + sub + tl.arange(0, TAIL)
+                            _first_step(p_ptr, g_ptr, v_ptr, o, o < numel, inv_scale, wd,
+                                        COMPUTE, MAXIMIZE, WD_MODE)
             else:
                 if lr_ptr is not None:
                     lr = tl.load(lr_ptr).to(COMPUTE)
@@ -225,7 +294,14 @@ if triton is not None:
                     clip = tl.load(thresholds_ptr + t).to(COMPUTE)
                 else:
                     clip = None
-                decay = 1.0 - lr * wd
+                if CORRECTED:  # corrected weight decay: the decay's lr is lr * lr / lr_max
+                    lr_max_c = tl.full((), lr_max, COMPUTE)
+                    if COMPUTE == tl.float64:
+                        decay = 1.0 - lr * lr / lr_max_c * wd
+                    else:
+                        decay = 1.0 - tl.div_rn(lr * lr, lr_max_c) * wd
+                else:
+                    decay = 1.0 - lr * wd
                 # 1 - beta in float64 before rounding: 1 - fp32(0.999) is off by 1e-5 relative
                 one_minus_b1 = tl.full((), 1.0 - beta1, COMPUTE)
                 b2 = tl.full((), beta2, COMPUTE)
@@ -237,23 +313,59 @@ if triton is not None:
                     key = _mix32(_mix32(seed) ^ step.to(tl.uint32)) ^ _mix32((start >> 32).to(tl.uint32))
                 else:
                     key = None
-                if full:
-                    _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, lr, wd, decay,
-                                one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE, MAXIMIZE,
-                                WD_MODE, ROUNDED)
+                if PASS == 0:
+                    if full:
+                        _later_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, lr, wd, decay,
+                                    one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE, MAXIMIZE,
+                                    WD_MODE, ROUNDED, NESTEROV)
+                    else:
+                        for sub in tl.range(0, BLOCK, TAIL):
+                            o = start + sub + tl.arange(0, TAIL)
+                            _later_step(p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, inv_scale, lr, wd,
+                                        decay, one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE,
+                                        MAXIMIZE, WD_MODE, ROUNDED, NESTEROV)
+                elif PASS == 1:
+                    if full:
+                        kept = _moment_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, wd, one_minus_b1,
+                                            b2, one_minus_b2, eps_c, clip, COMPUTE, MAXIMIZE, WD_MODE, NESTEROV)
+                    else:
+                        kept = tl.zeros((), tl.int64)
+                        for sub in tl.range(0, BLOCK, TAIL):
+                            o = start + sub + tl.arange(0, TAIL)
+                            kept += _moment_step(p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, inv_scale, wd,
+                                                 one_minus_b1, b2, one_minus_b2, eps_c, clip, COMPUTE, MAXIMIZE,
+                                                 WD_MODE, NESTEROV)
+                    tl.atomic_add(kept_ptr + t, kept, sem="relaxed")
                 else:
-                    for sub in tl.range(0, BLOCK, TAIL):
-                        o = start + sub + tl.arange(0, TAIL)
-                        _later_step(p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, inv_scale, lr, wd,
-                                    decay, one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE,
-                                    MAXIMIZE, WD_MODE, ROUNDED)
+                    # The caution weight, rounded as adopt/_variants.py rounds it.
+                    fraction = tl.load(kept_ptr + t).to(COMPUTE)
+                    if COMPUTE == tl.float64:
+                        fraction = fraction / numel.to(COMPUTE)
+                        weight = 1.0 / tl.where(fraction < 1e-3, 1e-3, fraction)
+                    else:
+                        fraction = tl.div_rn(fraction, numel.to(COMPUTE))
+                        weight = tl.div_rn(tl.full((), 1.0, COMPUTE), tl.where(fraction < 1e-3, 1e-3, fraction))
+                    if full:
+                        _apply_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, lr, wd, decay, weight,
+                                    one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE, MAXIMIZE,
+                                    WD_MODE, ROUNDED, NESTEROV)
+                    else:
+                        for sub in tl.range(0, BLOCK, TAIL):
+                            o = start + sub + tl.arange(0, TAIL)
+                            _apply_step(p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, inv_scale, lr, wd, decay,
+                                        weight, one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE,
+                                        MAXIMIZE, WD_MODE, ROUNDED, NESTEROV)
 
-            # Every thread of this program has read the old step before the release below.
-            tl.debug_barrier()
-            done = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
-            if done == nblocks - 1:
-                tl.store(counters_ptr + t, 0)
-                tl.store(step_ptr, step + 1.0)
+            if PASS != 1:
+                # Every thread of this program has read the old step (and count) before the
+                # release below; the last program of a tensor resets what the next launch reads.
+                tl.debug_barrier()
+                done = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
+                if done == nblocks - 1:
+                    tl.store(counters_ptr + t, 0)
+                    if PASS == 2:
+                        tl.store(kept_ptr + t, tl.zeros((), tl.int64))
+                    tl.store(step_ptr, step + 1.0)
 
     _INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
     _TL_DTYPES = {
@@ -272,6 +384,7 @@ class _Plan:
     rows: Tensor  # int64 [T * _ROW]
     blocks: Tensor  # int32 [2 * num_blocks]: (tensor, chunk) per program
     counters: Tensor  # int32 [T]: completed programs per tensor, zero between launches
+    kept: Tensor  # int64 [T]: a cautious step's agreeing elements per tensor, zero between steps
     num_blocks: int
     aligned: bool
 
@@ -327,7 +440,7 @@ def _build_plan(columns: Tuple[Tuple[int, ...], ...], block: int, device: torch.
     num_blocks = int(nblocks.sum())
     block_words = num_blocks  # one int64 word holds one (tensor, chunk) int32 pair
     counter_words = (num_tensors + 1) // 2
-    host = torch.zeros(num_tensors * _ROW + block_words + counter_words, dtype=torch.int64)
+    host = torch.zeros(num_tensors * _ROW + block_words + counter_words + num_tensors, dtype=torch.int64)
     rows = host[: num_tensors * _ROW].view(num_tensors, _ROW)
     rows[:, : _ROW - 1] = fields
     rows[:, _ROW - 1] = nblocks
@@ -347,7 +460,8 @@ def _build_plan(columns: Tuple[Tuple[int, ...], ...], block: int, device: torch.
         host=host,
         rows=dev[:split],
         blocks=dev[split : split + block_words].view(torch.int32),
-        counters=dev[split + block_words :].view(torch.int32)[:num_tensors],
+        counters=dev[split + block_words : split + block_words + counter_words].view(torch.int32)[:num_tensors],
+        kept=dev[split + block_words + counter_words :],
         num_blocks=num_blocks,
         aligned=aligned,
     )
@@ -416,6 +530,9 @@ def launch_group(
     eps: float,
     maximize: bool,
     seeds: Optional[Tensor] = None,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
 ) -> None:
     """Apply one ADOPT step to a same-device, same-dtype group of contiguous tensors in place.
 
@@ -424,8 +541,10 @@ def launch_group(
     tensor, one per tensor). ``lr``, ``grad_scale`` and ``found_inf`` may be device tensors;
     ``state_steps`` (float32, on the device) are read and incremented by the kernel.
     ``seeds`` (int64 on the device, one per tensor): write float16/bfloat16 params back with
-    stochastic rounding. Nothing synchronises with the host, so the call can be captured in a
-    CUDA graph.
+    stochastic rounding. ``nesterov``, ``caution`` and ``lr_max`` (corrected weight decay) as
+    in :mod:`adopt._variants`; a cautious step is two launches, the first counting each
+    tensor's agreeing elements on the device. Nothing synchronises with the host, so the call
+    can be captured in a CUDA graph.
 
     Raises:
         RuntimeError: triton is missing, or the device does not suit the interpreter setting.
@@ -474,18 +593,23 @@ def launch_group(
     rounded = seeds is not None and dtype in (torch.float16, torch.bfloat16)
 
     args = (
-        plan.rows, plan.blocks, plan.counters, lr_ptr,
+        plan.rows, plan.blocks, plan.counters, plan.kept, lr_ptr,
         None if grad_scale is None else _on(device, "grad_scale", grad_scale),
         None if found_inf is None else _on(device, "found_inf", found_inf),
         thresholds,
         _on(device, "seeds", seeds, count) if seeds is not None and rounded else None,
         lr_value, float(beta1), float(beta2), float(weight_decay), float(eps), exponent,
+        float(lr_max) if lr_max is not None else 0.0,
     )
     meta = dict(
         DTYPE=_TL_DTYPES[dtype], COMPUTE=compute, ALIGNED=plan.aligned, WD_MODE=wd_mode,
         CLIP_MODE=clip_mode, MAXIMIZE=bool(maximize), BLOCK=block, TAIL=block // _TAIL_SPLIT,
-        ROW=_ROW, ROUNDED=rounded, num_warps=_NUM_WARPS, enable_fp_fusion=not rounded,
+        ROW=_ROW, ROUNDED=rounded, NESTEROV=bool(nesterov), CORRECTED=lr_max is not None,
+        num_warps=_NUM_WARPS,
+        # Contraction would let the two passes of a cautious step round differently.
+        enable_fp_fusion=not rounded and not caution,
     )
     # triton launches on the current CUDA device; make it the tensors' one
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        _adopt_kernel[(plan.num_blocks,)](*args, **meta)
+        for step_pass in (1, 2) if caution else (0,):
+            _adopt_kernel[(plan.num_blocks,)](*args, **meta, PASS=step_pass)
