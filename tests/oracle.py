@@ -67,10 +67,10 @@ def oracle_step(
         if clip is not None:
             c = float(clip(st.s))
             n = n.clamp(-c, c)
-        st.m = st.m + (1 - beta1) * (n - st.m)
+        st.m = beta1 * st.m + (1 - beta1) * n  # no cancellation when beta1 is 0
         u = beta1 * st.m + (1 - beta1) * n if nesterov else st.m
         if caution:
-            agree = (u * g > 0).to(torch.float64)
+            agree = (torch.sign(u) * torch.sign(g) > 0).to(torch.float64)  # the sign test, no underflow
             u = u * agree / max(float(agree.mean()), 1e-3)
         st.p = st.p - lr * u
         st.v = beta2 * st.v + (1 - beta2) * g * g

@@ -99,6 +99,38 @@ def test_compiled_step_matches_eager_without_recompiling(path: str) -> None:
     _assert_params_equal(model, _eager_params(**kw))
 
 
+VARIANTS = dict(nesterov=True, caution=True, corrected_weight_decay=True)
+
+
+@pytest.mark.parametrize("path", path_params())
+def test_variants_compile_as_one_graph_and_match_eager(path: str) -> None:
+    """nesterov, caution (its per-tensor count included) and corrected weight decay."""
+    kw = {**HP, **VARIANTS, **usable_paths()[path]}
+    counter = CompileCounter()
+    model, opt = _setup(**kw)
+    step = torch.compile(opt.step, backend=counter)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _train(model, opt, step, _batches()[:1])
+        _train(model, opt, step, _batches()[1:])
+    assert counter.frame_count == 1
+    _assert_params_equal(model, _eager_params(**kw))
+
+
+@pytest.mark.parametrize("path", ["single-capturable", "foreach-capturable"])
+def test_variants_compile_with_fullgraph(path: str) -> None:
+    kw = {**HP, **VARIANTS, **usable_paths()[path]}
+    model, opt = _setup(**kw)
+    general = inspect.unwrap(ADOPT._general_step)
+    body = torch.compile(functools.partial(general, opt, None, tried_fused=False), fullgraph=True, backend="eager")
+
+    def step() -> None:
+        with torch.no_grad():
+            body()
+
+    _train(model, opt, step, _batches())
+    _assert_params_equal(model, _eager_params(**kw))
+
+
 def test_tensor_lr_schedule_does_not_recompile() -> None:
     """An LR schedule that writes into a Tensor lr keeps the compiled step (a float lr is a guard)."""
     schedule = [1e-2, 8e-3, 5e-3, 3e-3, 1e-3]
