@@ -317,8 +317,10 @@ def _grads(step: int, params: list[Tensor]) -> list[Optional[Tensor]]:
 
 @pytest.mark.parametrize("path", path_params())
 @pytest.mark.parametrize("api", ["step", "step_param"])
-def test_functional_adopt_matches_adopt(path: str, api: str) -> None:
-    kw = {**HP, **usable_paths()[path]}
+@pytest.mark.parametrize("variants", [{}, dict(nesterov=True, caution=True, corrected_weight_decay=True)],
+                         ids=["plain", "variants"])
+def test_functional_adopt_matches_adopt(path: str, api: str, variants: dict[str, bool]) -> None:
+    kw = {**HP, **variants, **usable_paths()[path]}
     reference = [p.detach().clone().requires_grad_() for p in _model().parameters()]
     params = [p.detach().clone() for p in reference]
     opt = ADOPT(reference, **kw)

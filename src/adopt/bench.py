@@ -57,6 +57,12 @@ from ._argtypes import device_type
 from .info import cpu_name
 
 PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused")
+# The fused step with one option on, timed when named in --paths (what each option costs).
+OPTION_PATHS = {
+    "adopt-fused-nesterov": dict(nesterov=True),
+    "adopt-fused-caution": dict(caution=True),
+    "adopt-fused-caution-nesterov": dict(caution=True, nesterov=True),
+}
 DEFAULT_SIZES = "1M:200,50M:10"
 QUICK_SIZES = "200k:50,2M:4"
 QUICK_REPEATS = 15  # enough for a median that means something, still seconds
@@ -138,9 +144,11 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def _paths(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in PATHS]
+    unknown = [n for n in names if n not in PATHS and n not in OPTION_PATHS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown path(s) {unknown or text!r}; choose from {', '.join(PATHS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown path(s) {unknown or text!r}; choose from {', '.join((*PATHS, *OPTION_PATHS))}"
+        )
     return names
 
 
@@ -178,7 +186,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--paths", type=_paths, default=PATHS, metavar="NAME[,...]",
-        help=f"which optimizers to time (default: all of {', '.join(PATHS)})",
+        help=f"which optimizers to time (default: all of {', '.join(PATHS)}; also {', '.join(OPTION_PATHS)}: "
+        "the fused step with that option on)",
     )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype (default: float32)")
     parser.add_argument(
@@ -240,6 +249,8 @@ def _make_optimizer(path: str, params: list[torch.nn.Parameter]) -> torch.optim.
         return ADOPT(params, foreach=True)
     if path == "adopt-fused":
         return ADOPT(params, fused=True)
+    if path in OPTION_PATHS:
+        return ADOPT(params, fused=True, **OPTION_PATHS[path])
     if path == "adamw-foreach":
         return torch.optim.AdamW(params, foreach=True)
     return torch.optim.AdamW(params, fused=True)

@@ -45,7 +45,7 @@ with warnings.catch_warnings():
     from torch.distributed.optim.utils import register_functional_optim
 
 from .functional import adopt
-from .optimizer import _validate_hyperparameters
+from .optimizer import _number, _validate_hyperparameters, _validate_options
 from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
 __all__ = ["FunctionalADOPT"]
@@ -63,7 +63,8 @@ class FunctionalADOPT:
         params: the parameters :meth:`step` updates; may be empty with
             ``_allow_empty_param_list=True`` when only :meth:`step_param` is used.
         lr, betas, eps, clip_lambda, weight_decay, decouple, foreach, maximize, capturable,
-        fused: as for :class:`adopt.ADOPT`.
+        fused, nesterov, caution, corrected_weight_decay: as for :class:`adopt.ADOPT`
+        (``lr_max``, for corrected weight decay, is ``lr`` at construction).
         _allow_empty_param_list: accept an empty ``params`` (set by ``torch.distributed``).
 
     Raises:
@@ -85,6 +86,9 @@ class FunctionalADOPT:
         maximize: bool = False,
         capturable: bool = False,
         fused: Optional[bool] = None,
+        nesterov: bool = False,
+        caution: bool = False,
+        corrected_weight_decay: bool = False,
         _allow_empty_param_list: bool = False,
     ) -> None:
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
@@ -101,7 +105,12 @@ class FunctionalADOPT:
             foreach=foreach,
             capturable=capturable,
             fused=fused,
+            nesterov=nesterov,
+            caution=caution,
+            corrected_weight_decay=corrected_weight_decay,
+            lr_max=_number(lr),
         )
+        _validate_options(self.defaults)
         # One group only, as for torch's functional optimizers; ZeroRedundancyOptimizer wraps it
         # into ``param_groups`` and syncs its own group's hyperparameters into this dict.
         self.param_group: dict[str, Any] = {"params": list(params), **self.defaults}
@@ -167,6 +176,10 @@ class FunctionalADOPT:
                 decouple=group["decouple"],
                 eps=group["eps"],
                 maximize=group["maximize"],
+                nesterov=group["nesterov"],
+                caution=group["caution"],
+                corrected_weight_decay=group["corrected_weight_decay"],
+                lr_max=group["lr_max"],
             )
 
 

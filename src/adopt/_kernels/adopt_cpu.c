@@ -221,7 +221,8 @@ typedef struct {
                                        T *restrict v, int64_t n, const coef_##C *k, const C clip, \
                                        const int l2_on, const int nesterov) {                     \
         const C gs = k->gscale, l2 = k->l2, b1c = k->b1c, b2 = k->b2, b2c = k->b2c;               \
-        int64_t kept = 0;                                                                         \
+        /* 32-bit lanes, as wide as the float lanes; n <= ADOPT_COUNT_PIECE. */                 \
+        uint32_t kept = 0;                                                                        \
         _Pragma("omp simd reduction(+ : kept)")                                                   \
         for (int64_t i = 0; i < n; i++) {                                                         \
             C gi = LOAD(g[i]) * gs;                                                               \
@@ -233,11 +234,11 @@ typedef struct {
             const T ms = STORE(mi);                                                               \
             const C mu = LOAD(ms);                                                                \
             const C up = nesterov ? mu + b1c * (u - mu) : mu;                                     \
-            kept += ADOPT_AGREE(up, gi);                                                          \
+            kept += (uint32_t)ADOPT_AGREE(up, gi);                                                \
             m[i] = ms;                                                                            \
             if (!nesterov) v[i] = STORE(b2 * vi + b2c * (gi * gi));                               \
         }                                                                                         \
-        return kept;                                                                              \
+        return (int64_t)kept;                                                                     \
     }                                                                                             \
     ADOPT_INLINE void apply_##SUF(T *restrict p, const T *restrict g, const T *restrict m,       \
                                    T *restrict v, int64_t n, const coef_##C *k, const C clip,    \
@@ -309,7 +310,10 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
 #define ADOPT_CALL_APPLY(SUF, L2, SR, NE)                                                         \
     apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, k_, clip_, w_, L2, SR, NE, key_, (uint32_t)s_)
 #define ADOPT_CALL_MOMENTS(SUF, L2, SR, NE)                                                       \
-    kept_ = moment_##SUF(p_, g_, m_, v_, e - b, k_, clip_, L2, NE)
+    kept_ = moment_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, k_, clip_, L2, NE)
+
+/* Elements counted per moment_* call: its 32-bit count cannot wrap. */
+#define ADOPT_COUNT_PIECE ((int64_t)1 << 31)
 
 /* Runs `pass` on elements [b, e) of tensor `i`; stochastic rounding only where SR_OK (16-bit
  * types), in pieces that do not cross a multiple of 2^32 elements (the word's high index
@@ -326,10 +330,15 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
             if (l2_on) first_##SUF(p_, g_, v_, e - b, k_, 1);                                     \
             else first_##SUF(p_, g_, v_, e - b, k_, 0);                                           \
         } else if (pass == PASS_MOMENTS) {                                                        \
-            int64_t kept_ = 0;                                                                    \
-            ADOPT_VARIANTS(l2_on | nesterov << 2, ADOPT_CALL_MOMENTS, SUF)                        \
-            _Pragma("omp atomic")                                                                 \
-            info[i].kept += kept_;                                                                \
+            for (int64_t s_ = b; s_ < e;) {                                                       \
+                const int64_t t_ = e - s_ > ADOPT_COUNT_PIECE ? s_ + ADOPT_COUNT_PIECE : e;       \
+                const int64_t o_ = s_ - b;                                                        \
+                int64_t kept_ = 0;                                                                \
+                ADOPT_VARIANTS(l2_on | nesterov << 2, ADOPT_CALL_MOMENTS, SUF)                    \
+                _Pragma("omp atomic")                                                             \
+                info[i].kept += kept_;                                                            \
+                s_ = t_;                                                                          \
+            }                                                                                     \
         } else {                                                                                  \
             for (int64_t s_ = b; s_ < e;) {                                                       \
                 int64_t t_ = e;                                                                   \
