@@ -182,7 +182,7 @@ def _host_group(
         keys = None if keys is None else [keys[i] for i in keep]
 
     temporaries = (2 if l2 == 0 else 3) + (0 if keys is None else 4) + nesterov + 2 * caution
-    decay = 1 - decay_lr(lr, lr_max) * weight_decay if weight_decay != 0 else None
+    decay = 1 - cast(float, decay_lr(lr, lr_max)) * weight_decay if weight_decay != 0 else None
     weights = None
     if caution:  # a first pass updates m and counts each tensor's agreeing elements
         weights = _host_caution_weights(params, grads, exp_avgs, exp_avg_sqs, clip, temporaries, beta1=beta1,
@@ -244,8 +244,8 @@ def _host_caution_weights(
         update = torch._foreach_lerp(m, normed, 1 - beta1) if nesterov else m
         del normed
         for u, g_i, j in zip(update, g, _pick(range(len(params)), idx)):
-            kept = agreement(u, g_i, negate).sum()
-            counts[j] = kept if counts[j] is None else counts[j] + kept
+            kept, before = agreement(u, g_i, negate).sum(), counts[j]
+            counts[j] = kept if before is None else before + kept
     return [caution_weight(cast(Tensor, c), t.numel(), compute_dtype(t)) for c, t in zip(counts, params)]
 
 
@@ -397,8 +397,8 @@ def _capturable_caution_weights(
         update = torch._foreach_lerp(m, normed, 1 - beta1) if nesterov else m
         del normed
         for u, g_i, j in zip(update, g, _pick(range(len(params)), idx)):
-            kept = agreement(u, g_i, negate).sum()
-            counts[j] = kept if counts[j] is None else counts[j] + kept
+            kept, before = agreement(u, g_i, negate).sum(), counts[j]
+            counts[j] = kept if before is None else before + kept
     return [caution_weight(cast(Tensor, c), t.numel(), compute_dtype(t)) for c, t in zip(counts, params)]
 
 

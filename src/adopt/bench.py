@@ -58,7 +58,7 @@ from .info import cpu_name
 
 PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused")
 # The fused step with one option on, timed when named in --paths (what each option costs).
-OPTION_PATHS = {
+OPTION_PATHS: dict[str, dict[str, Any]] = {
     "adopt-fused-nesterov": dict(nesterov=True),
     "adopt-fused-caution": dict(caution=True),
     "adopt-fused-caution-nesterov": dict(caution=True, nesterov=True),
