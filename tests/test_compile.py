@@ -116,21 +116,6 @@ def test_variants_compile_as_one_graph_and_match_eager(path: str) -> None:
     _assert_params_equal(model, _eager_params(**kw))
 
 
-@pytest.mark.parametrize("path", ["single-capturable", "foreach-capturable"])
-def test_variants_compile_with_fullgraph(path: str) -> None:
-    kw = {**HP, **VARIANTS, **usable_paths()[path]}
-    model, opt = _setup(**kw)
-    general = inspect.unwrap(ADOPT._general_step)
-    body = torch.compile(functools.partial(general, opt, None, tried_fused=False), fullgraph=True, backend="eager")
-
-    def step() -> None:
-        with torch.no_grad():
-            body()
-
-    _train(model, opt, step, _batches())
-    _assert_params_equal(model, _eager_params(**kw))
-
-
 def test_tensor_lr_schedule_does_not_recompile() -> None:
     """An LR schedule that writes into a Tensor lr keeps the compiled step (a float lr is a guard)."""
     schedule = [1e-2, 8e-3, 5e-3, 3e-3, 1e-3]
@@ -153,11 +138,12 @@ def test_tensor_lr_schedule_does_not_recompile() -> None:
     _assert_params_equal(model, expected)
 
 
+@pytest.mark.parametrize("variants", [{}, VARIANTS], ids=["plain", "variants"])
 @pytest.mark.parametrize("path", ["single-capturable", "foreach-capturable"])
-def test_step_body_compiles_with_fullgraph(path: str) -> None:
+def test_step_body_compiles_with_fullgraph(path: str, variants: dict[str, bool]) -> None:
     """The step's general body without torch's no_grad wrapper (and its deliberate breaks):
-    one full graph."""
-    kw = {**HP, **usable_paths()[path]}
+    one full graph, also with nesterov, caution and corrected weight decay."""
+    kw = {**HP, **variants, **usable_paths()[path]}
     model, opt = _setup(**kw)
     general = inspect.unwrap(ADOPT._general_step)
     body = torch.compile(functools.partial(general, opt, None, tried_fused=False), fullgraph=True, backend="eager")

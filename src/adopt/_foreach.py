@@ -29,7 +29,7 @@ single-tensor counterparts.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, TypeVar, Union, cast
+from typing import Callable, Optional, Sequence, TypeVar, Union, cast
 
 import torch
 from torch import Tensor
@@ -54,6 +54,8 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 _T = TypeVar("_T")
+# (grads, exp_avg_sqs, exp_avgs, chunk indices, negate) -> a chunk's normalised gradients.
+_Normalise = Callable[[list[Tensor], list[Tensor], list[Tensor], Optional[list[int]], bool], list[Tensor]]
 
 
 def foreach_adopt(
@@ -161,7 +163,7 @@ def _host_group(
     decayed gradients with L2 decay; with ``keys`` (stochastic rounding: one key per tensor,
     None for a tensor rounded to nearest) also the float32 parameter values and updates; with
     ``nesterov`` the updates, with ``caution`` the masks and masked updates. A cautious step
-    takes two passes (:func:`_host_caution_weights` first): each tensor's weight depends on
+    takes two passes (:func:`_caution_weights` first): each tensor's weight depends on
     all of its elements.
     """
     first = [i for i, s in enumerate(host_steps) if s == 0]
@@ -183,25 +185,20 @@ def _host_group(
 
     temporaries = (2 if l2 == 0 else 3) + (0 if keys is None else 4) + nesterov + 2 * caution
     decay = 1 - cast(float, decay_lr(lr, lr_max)) * weight_decay if weight_decay != 0 else None
+    def normalise(g: list[Tensor], v: list[Tensor], m: list[Tensor], idx: Optional[list[int]],
+                  negate: bool) -> list[Tensor]:
+        return _normalised(g, v, eps, negate, None if clip is None else _pick(clip, idx))
+
     weights = None
     if caution:  # a first pass updates m and counts each tensor's agreeing elements
-        weights = _host_caution_weights(params, grads, exp_avgs, exp_avg_sqs, clip, temporaries, beta1=beta1,
-                                        l2=l2, eps=eps, maximize=maximize, nesterov=nesterov)
+        weights = _caution_weights(params, grads, exp_avgs, exp_avg_sqs, temporaries, normalise, beta1=beta1, l2=l2,
+                                   maximize=maximize, nesterov=nesterov)
     for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
         g, negate = _signed_grads(p, g, l2, maximize)
         if decay is not None and keys is None:
             _scale_(p, decay)
-        update = m
-        if weights is None or nesterov:  # with caution alone, m is already updated
-            normed = _normalised(g, v, eps, negate, None if clip is None else _pick(clip, idx))
-            if weights is None:
-                torch._foreach_lerp_(m, normed, 1 - beta1)
-            if nesterov:
-                update = list(torch._foreach_lerp(m, normed, 1 - beta1))
-            del normed
         tensor_of = _pick(range(len(params)), idx)
-        if weights is not None:
-            update = [masked(u, agreement(u, g_i, negate), weights[j]) for u, g_i, j in zip(update, g, tensor_of)]
+        update = _chunk_updates(m, g, v, idx, negate, normalise, weights, tensor_of, beta1=beta1, nesterov=nesterov)
         if keys is None:
             torch._foreach_add_(p, update, alpha=-lr)
         else:
@@ -219,17 +216,16 @@ def _host_group(
         del g  # before the next chunk allocates its own
 
 
-def _host_caution_weights(
+def _caution_weights(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    clip: Optional[list[float]],
     temporaries: int,
+    normalise: "_Normalise",
     *,
     beta1: float,
     l2: float,
-    eps: float,
     maximize: bool,
     nesterov: bool,
 ) -> list[Tensor]:
@@ -239,7 +235,7 @@ def _host_caution_weights(
     counts: list[Optional[Tensor]] = [None] * len(params)
     for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
         g, negate = _signed_grads(p, g, l2, maximize)
-        normed = _normalised(g, v, eps, negate, None if clip is None else _pick(clip, idx))
+        normed = normalise(g, v, m, idx, negate)
         torch._foreach_lerp_(m, normed, 1 - beta1)
         update = torch._foreach_lerp(m, normed, 1 - beta1) if nesterov else m
         del normed
@@ -247,6 +243,35 @@ def _host_caution_weights(
             kept, before = agreement(u, g_i, negate).sum(), counts[j]
             counts[j] = kept if before is None else before + kept
     return [caution_weight(cast(Tensor, c), t.numel(), compute_dtype(t)) for c, t in zip(counts, params)]
+
+
+def _chunk_updates(
+    m: list[Tensor],
+    g: list[Tensor],
+    v: list[Tensor],
+    idx: Optional[list[int]],
+    negate: bool,
+    normalise: "_Normalise",
+    weights: Optional[list[Tensor]],
+    tensor_of: list[int],
+    *,
+    beta1: float,
+    nesterov: bool,
+) -> list[Tensor]:
+    """A chunk's updates, ``m`` updated first (unless a cautious first pass did): ``m``, or
+    ``lerp(m, n, 1 - beta1)`` with Nesterov; with ``weights`` (caution, one per tensor)
+    masked where they disagree with the gradient and scaled."""
+    update = m
+    if weights is None or nesterov:
+        normed = normalise(g, v, m, idx, negate)
+        if weights is None:
+            torch._foreach_lerp_(m, normed, 1 - beta1)
+        if nesterov:
+            update = list(torch._foreach_lerp(m, normed, 1 - beta1))
+        del normed
+    if weights is not None:
+        update = [masked(u, agreement(u, g_i, negate), weights[j]) for u, g_i, j in zip(update, g, tensor_of)]
+    return update
 
 
 def _normalised(
@@ -296,26 +321,21 @@ def _capturable_group(
     clips = None if clip is None else (clip.unbind(), (-clip).unbind())
     decay = 1 - decay_lr(lr, lr_max) * weight_decay if weight_decay != 0 else None
     temporaries = (2 if l2 == 0 else 3) + nesterov + 2 * caution
+    def normalise(g: list[Tensor], v: list[Tensor], m: list[Tensor], idx: Optional[list[int]],
+                  negate: bool) -> list[Tensor]:
+        return _selected_normalised(g, v, m, _pick(active, idx), eps, negate, clips, idx)
+
     weights = None
     if caution:  # a first pass updates m and counts each tensor's agreeing elements
-        weights = _capturable_caution_weights(params, grads, exp_avgs, exp_avg_sqs, active, clips, temporaries,
-                                              beta1=beta1, l2=l2, eps=eps, maximize=maximize, nesterov=nesterov)
+        weights = _caution_weights(params, grads, exp_avgs, exp_avg_sqs, temporaries, normalise, beta1=beta1, l2=l2,
+                                   maximize=maximize, nesterov=nesterov)
     for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
         a = _pick(active, idx)
         g, negate = _signed_grads(p, g, l2, maximize)
         if decay is not None and keys is None:
             _copy_where_(p, a, torch._foreach_mul(p, decay), p)  # type: ignore[arg-type]
-        update = m
-        if weights is None or nesterov:  # with caution alone, m is already updated
-            normed = _selected_normalised(g, v, m, a, eps, negate, clips, idx)
-            if weights is None:
-                torch._foreach_lerp_(m, normed, 1 - beta1)
-            if nesterov:
-                update = list(torch._foreach_lerp(m, normed, 1 - beta1))
-            del normed
         tensor_of = _pick(range(len(params)), idx)
-        if weights is not None:
-            update = [masked(u, agreement(u, g_i, negate), weights[j]) for u, g_i, j in zip(update, g, tensor_of)]
+        update = _chunk_updates(m, g, v, idx, negate, normalise, weights, tensor_of, beta1=beta1, nesterov=nesterov)
         if keys is not None:
             # One tensor at a time, as the single-tensor path computes it.
             for p_i, u_i, a_i, j in zip(p, update, a, tensor_of):
@@ -371,35 +391,6 @@ def _selected_normalised(
     for i, (m_i, a_i) in enumerate(zip(m, active)):
         normed[i] = torch.where(a_i, normed[i], m_i)
     return normed
-
-
-def _capturable_caution_weights(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    active: Sequence[Tensor],
-    clips: Optional[tuple[Sequence[Tensor], Sequence[Tensor]]],
-    temporaries: int,
-    *,
-    beta1: float,
-    l2: float,
-    eps: float,
-    maximize: bool,
-    nesterov: bool,
-) -> list[Tensor]:
-    """:func:`_host_caution_weights` with the first-step selection, on the device."""
-    counts: list[Optional[Tensor]] = [None] * len(params)
-    for (p, g, m, v), idx in _chunks([params, grads, exp_avgs, exp_avg_sqs], temporaries):
-        g, negate = _signed_grads(p, g, l2, maximize)
-        normed = _selected_normalised(g, v, m, _pick(active, idx), eps, negate, clips, idx)
-        torch._foreach_lerp_(m, normed, 1 - beta1)
-        update = torch._foreach_lerp(m, normed, 1 - beta1) if nesterov else m
-        del normed
-        for u, g_i, j in zip(update, g, _pick(range(len(params)), idx)):
-            kept, before = agreement(u, g_i, negate).sum(), counts[j]
-            counts[j] = kept if before is None else before + kept
-    return [caution_weight(cast(Tensor, c), t.numel(), compute_dtype(t)) for c, t in zip(counts, params)]
 
 
 def _signed_grads(params: list[Tensor], grads: list[Tensor], l2: float, maximize: bool) -> tuple[list[Tensor], bool]:
