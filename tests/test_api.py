@@ -252,7 +252,8 @@ def test_state_dict_keys_match_the_authors_layout():
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     assert set(sd["param_groups"][0]) == {
         "lr", "betas", "eps", "weight_decay", "decouple", "maximize", "foreach", "capturable",
-        "differentiable", "fused", "stochastic_rounding", "params",
+        "differentiable", "fused", "stochastic_rounding", "nesterov", "caution", "corrected_weight_decay", "lr_max",
+        "params",
     }
 
 

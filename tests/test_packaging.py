@@ -31,7 +31,9 @@ def test_kernel_has_no_debug_info_and_no_runpath() -> None:
         pytest.skip("built with debug information on purpose (ADOPT_DEBUG=1, e.g. the sanitizer build)")
     tags = _elf_dynamic_tags(so)
     assert "RUNPATH" not in tags and "RPATH" not in tags, tags
-    assert so.stat().st_size < 300_000
+    # Stripped, the kernel is a few hundred KB (each loop in three instruction-set clones,
+    # the cautious step's two passes included); debug information would add megabytes.
+    assert so.stat().st_size < 450_000
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler")

@@ -203,8 +203,8 @@ class ADOPT(Optimizer):
         previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
         super().load_state_dict(translated)
         try:
-            for group in self.param_groups:
-                _validate_options(group, f"loaded state_dict, param_groups[{self.param_groups.index(group)}]: ")
+            for g_idx, group in enumerate(self.param_groups):
+                _validate_options(group, f"loaded state_dict, param_groups[{g_idx}]: ")
             self._restore_seeds(state_dict)
             self._check_state_shapes()
         except ValueError:

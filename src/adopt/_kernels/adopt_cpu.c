@@ -160,15 +160,17 @@ typedef struct {
  * first_*:  the tensor's first step, v = g'^2 (p and m are left alone).
  * update_*: every later step; `clip` is +inf when clipping is off, which leaves n as is.
  * g' = g * gscale (+ l2 * p when L2 decay is on); gscale folds AMP unscaling and maximize.
- * `l2_on`, `sr_on` and `nesterov` are compile-time constants at every call site, so each
- * variant is its own loop. With `sr_on` (16-bit types only) p is written back with stochastic
- * rounding from the stored m, element i of the segment drawing the word of index `base + i`
- * under `key`. With `nesterov` the update is lerp(m, n, 1 - beta1) instead of m.
+ * `l2_on` and `sr_on` are compile-time constants at every call site of first_/update_, so
+ * each variant of the common step is its own loop. With `sr_on` (16-bit types only) p is
+ * written back with stochastic rounding from the stored m, element i of the segment drawing
+ * the word of index `base + i` under `key`. With `nesterov` (a select per element, so the
+ * loop is not duplicated for it) the update is lerp(m, n, 1 - beta1) instead of m.
  * A cautious step (adopt/_variants.py) takes two passes, since each tensor's weight w depends
  * on all of its elements: moment_* updates m (and v, unless Nesterov needs the old v in the
- * second pass) and returns how many elements of the update agree in sign with g'; apply_*
- * then writes p with the update times w where they agree, 0 elsewhere. Both form the update
- * from the stored m, so they count and mask the same elements.
+ * second pass: then v is stored back unchanged) and returns how many elements of the update
+ * agree in sign with g'; apply_* then writes p with the update times w where they agree, 0
+ * elsewhere. Both form the update from the stored m, so they count and mask the same
+ * elements. Their other flags are selects, so a cautious step adds three loops per type.
  */
 #define ADOPT_DEFINE_LOOPS(SUF, T, C, LOAD, STORE, STORE_SR, SQRT)                               \
     ADOPT_INLINE void first_##SUF(const T *restrict p, const T *restrict g, T *restrict v,       \
@@ -189,6 +191,12 @@ typedef struct {
         u = u < -clip ? -clip : u;                                                                \
         return u > clip ? clip : u;                                                               \
     }                                                                                             \
+    /* p written back: to nearest, or (sr_on) stochastically with the element's word. */         \
+    ADOPT_INLINE T store_p_##SUF(const C x, const int sr_on, const uint32_t key,                  \
+                                 const uint32_t index) {                                          \
+        const T nearest = STORE(x);                                                               \
+        return sr_on ? STORE_SR(x, element_word(key, index)) : nearest;                          \
+    }                                                                                             \
     ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
                                     const int l2_on, const int sr_on, const int nesterov,        \
@@ -205,14 +213,11 @@ typedef struct {
             C mi = LOAD(m[i]);                                                                    \
             mi = mi + b1c * (u - mi);                                                             \
             const T ms = STORE(mi);                                                               \
-            if (sr_on) {                                                                          \
-                const C mu = LOAD(ms);                                                            \
-                const C up = nesterov ? mu + b1c * (u - mu) : mu;                                 \
-                p[i] = STORE_SR(pi * decay - lr * up, element_word(key, base + (uint32_t)i));     \
-            } else {                                                                              \
-                const C up = nesterov ? mi + b1c * (u - mi) : mi;                                 \
-                p[i] = STORE(pi * decay - lr * up);                                               \
-            }                                                                                     \
+            /* The update from the stored m with stochastic rounding, as the torch paths. */     \
+            const C mu = sr_on ? LOAD(ms) : mi;                                                   \
+            const C ahead = mu + b1c * (u - mu);                                                  \
+            const C up = nesterov ? ahead : mu;                                                   \
+            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, base + (uint32_t)i);           \
             m[i] = ms;                                                                            \
             v[i] = STORE(b2 * vi + b2c * (gi * gi));                                              \
         }                                                                                         \
@@ -225,18 +230,20 @@ typedef struct {
         uint32_t kept = 0;                                                                        \
         _Pragma("omp simd reduction(+ : kept)")                                                   \
         for (int64_t i = 0; i < n; i++) {                                                         \
-            C gi = LOAD(g[i]) * gs;                                                               \
-            if (l2_on) gi = gi + l2 * LOAD(p[i]);                                                 \
-            const C vi = LOAD(v[i]);                                                              \
+            const C gl = LOAD(g[i]) * gs;                                                         \
+            const C gi = l2_on ? gl + l2 * LOAD(p[i]) : gl;                                       \
+            const T vs = v[i];                                                                    \
+            const C vi = LOAD(vs);                                                                \
             const C u = normalised_##SUF(gi, vi, k, clip);                                        \
             C mi = LOAD(m[i]);                                                                    \
             mi = mi + b1c * (u - mi);                                                             \
             const T ms = STORE(mi);                                                               \
             const C mu = LOAD(ms);                                                                \
-            const C up = nesterov ? mu + b1c * (u - mu) : mu;                                     \
-            kept += (uint32_t)ADOPT_AGREE(up, gi);                                                \
+            const C ahead = mu + b1c * (u - mu);                                                  \
+            kept += (uint32_t)ADOPT_AGREE(nesterov ? ahead : mu, gi);                             \
             m[i] = ms;                                                                            \
-            if (!nesterov) v[i] = STORE(b2 * vi + b2c * (gi * gi));                               \
+            const T vn = STORE(b2 * vi + b2c * (gi * gi));                                        \
+            v[i] = nesterov ? vs : vn;                                                            \
         }                                                                                         \
         return (int64_t)kept;                                                                     \
     }                                                                                             \
@@ -249,8 +256,8 @@ typedef struct {
         ADOPT_SIMD                                                                                \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
-            C gi = LOAD(g[i]) * gs;                                                               \
-            if (l2_on) gi = gi + l2 * pi;                                                         \
+            const C gl = LOAD(g[i]) * gs;                                                         \
+            const C gi = l2_on ? gl + l2 * pi : gl;                                               \
             const C mu = LOAD(m[i]);                                                              \
             C up = mu;                                                                            \
             if (nesterov) {                                                                       \
@@ -259,10 +266,7 @@ typedef struct {
                 v[i] = STORE(b2 * vi + b2c * (gi * gi));                                          \
             }                                                                                     \
             up = up * (ADOPT_AGREE(up, gi) ? w : (C)0);                                           \
-            if (sr_on)                                                                            \
-                p[i] = STORE_SR(pi * decay - lr * up, element_word(key, base + (uint32_t)i));     \
-            else                                                                                  \
-                p[i] = STORE(pi * decay - lr * up);                                               \
+            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, base + (uint32_t)i);           \
         }                                                                                         \
     }
 
@@ -290,34 +294,9 @@ typedef struct {
 /* What one pass over a range does: the whole step, or a cautious step's first or second pass. */
 typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
 
-/* Expands CALL(SUF, l2_on, sr_on, nesterov) with the flags as constants, chosen by `bits`
- * (l2_on | sr_on << 1 | nesterov << 2), so each combination is its own loop. */
-#define ADOPT_VARIANTS(bits, CALL, SUF)                                                          \
-    switch (bits) {                                                                               \
-    case 0: CALL(SUF, 0, 0, 0); break;                                                            \
-    case 1: CALL(SUF, 1, 0, 0); break;                                                            \
-    case 2: CALL(SUF, 0, 1, 0); break;                                                            \
-    case 3: CALL(SUF, 1, 1, 0); break;                                                            \
-    case 4: CALL(SUF, 0, 0, 1); break;                                                            \
-    case 5: CALL(SUF, 1, 0, 1); break;                                                            \
-    case 6: CALL(SUF, 0, 1, 1); break;                                                            \
-    default: CALL(SUF, 1, 1, 1); break;                                                           \
-    }
-
-/* The loops of ADOPT_SEGMENT on its piece [s_, t_) (its locals). */
-#define ADOPT_CALL_UPDATE(SUF, L2, SR, NE)                                                        \
-    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, k_, clip_, L2, SR, NE, key_, (uint32_t)s_)
-#define ADOPT_CALL_APPLY(SUF, L2, SR, NE)                                                         \
-    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, k_, clip_, w_, L2, SR, NE, key_, (uint32_t)s_)
-#define ADOPT_CALL_MOMENTS(SUF, L2, SR, NE)                                                       \
-    kept_ = moment_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, t_ - s_, k_, clip_, L2, NE)
-
-/* Elements counted per moment_* call: its 32-bit count cannot wrap. */
-#define ADOPT_COUNT_PIECE ((int64_t)1 << 31)
-
 /* Runs `pass` on elements [b, e) of tensor `i`; stochastic rounding only where SR_OK (16-bit
  * types), in pieces that do not cross a multiple of 2^32 elements (the word's high index
- * part is folded into the key). */
+ * part is folded into the key). Only these call sites expand the loops: one copy each. */
 #define ADOPT_SEGMENT(SUF, T, C, K, SR_OK)                                                        \
     do {                                                                                          \
         T *p_ = (T *)a->p[i] + b, *m_ = (T *)a->m[i] + b, *v_ = (T *)a->v[i] + b;                 \
@@ -329,39 +308,53 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
             if (pass == PASS_APPLY) break;                                                        \
             if (l2_on) first_##SUF(p_, g_, v_, e - b, k_, 1);                                     \
             else first_##SUF(p_, g_, v_, e - b, k_, 0);                                           \
-        } else if (pass == PASS_MOMENTS) {                                                        \
-            for (int64_t s_ = b; s_ < e;) {                                                       \
-                const int64_t t_ = e - s_ > ADOPT_COUNT_PIECE ? s_ + ADOPT_COUNT_PIECE : e;       \
-                const int64_t o_ = s_ - b;                                                        \
-                int64_t kept_ = 0;                                                                \
-                ADOPT_VARIANTS(l2_on | nesterov << 2, ADOPT_CALL_MOMENTS, SUF)                    \
+            break;                                                                                \
+        }                                                                                         \
+        for (int64_t s_ = b; s_ < e;) {                                                           \
+            /* Pieces end at multiples of 2^32 (rounding) or after ADOPT_COUNT_PIECE (counts). */ \
+            const int64_t stop_ = ((s_ >> 32) + 1) << 32;                                         \
+            int64_t t_ = e < stop_ ? e : stop_;                                                   \
+            if (t_ - s_ > ADOPT_COUNT_PIECE) t_ = s_ + ADOPT_COUNT_PIECE;                         \
+            const uint32_t key_ = sr_ ? info[i].key ^ mix32((uint32_t)(s_ >> 32)) : 0u;           \
+            const int64_t o_ = s_ - b, n_ = t_ - s_;                                              \
+            const uint32_t base_ = (uint32_t)s_;                                                  \
+            if (pass == PASS_MOMENTS) {                                                           \
+                const int64_t kept_ = moment_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_,    \
+                                                    clip_, l2_on, nesterov);                      \
                 _Pragma("omp atomic")                                                             \
                 info[i].kept += kept_;                                                            \
-                s_ = t_;                                                                          \
+            } else if (pass == PASS_APPLY) {                                                      \
+                if (nesterov)                                                                     \
+                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, sr_, \
+                                1, key_, base_);                                                  \
+                else                                                                              \
+                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, sr_, \
+                                0, key_, base_);                                                  \
+            } else if (SR_OK && sr_) {                                                            \
+                if (l2_on)                                                                        \
+                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 1, 1, nesterov, \
+                                 key_, base_);                                                    \
+                else                                                                              \
+                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 0, 1, nesterov, \
+                                 key_, base_);                                                    \
+            } else if (l2_on) {                                                                   \
+                update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 1, 0, nesterov,   \
+                             0u, 0u);                                                             \
+            } else {                                                                              \
+                update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 0, 0, nesterov,   \
+                             0u, 0u);                                                             \
             }                                                                                     \
-        } else {                                                                                  \
-            for (int64_t s_ = b; s_ < e;) {                                                       \
-                int64_t t_ = e;                                                                   \
-                uint32_t key_ = 0u;                                                               \
-                if (sr_) {                                                                        \
-                    const int64_t stop_ = ((s_ >> 32) + 1) << 32;                                 \
-                    t_ = e < stop_ ? e : stop_;                                                   \
-                    key_ = info[i].key ^ mix32((uint32_t)(s_ >> 32));                             \
-                }                                                                                 \
-                const int64_t o_ = s_ - b;                                                        \
-                if (pass == PASS_STEP) {                                                          \
-                    ADOPT_VARIANTS(l2_on | sr_ << 1 | nesterov << 2, ADOPT_CALL_UPDATE, SUF)      \
-                } else {                                                                          \
-                    ADOPT_VARIANTS(l2_on | sr_ << 1 | nesterov << 2, ADOPT_CALL_APPLY, SUF)       \
-                }                                                                                 \
-                s_ = t_;                                                                          \
-            }                                                                                     \
+            s_ = t_;                                                                              \
         }                                                                                         \
     } while (0)
 
-ADOPT_CLONES
-static void process_range(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi,
-                          const pass_t pass) {
+/* Elements counted per moment_* call: its 32-bit count cannot wrap. */
+#define ADOPT_COUNT_PIECE ((int64_t)1 << 31)
+
+/* One pass over the elements [lo, hi) of the index space; inlined into a function per pass,
+ * so each compiles only its own loops. */
+ADOPT_INLINE void range_pass(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi,
+                             const pass_t pass) {
     const int64_t n = a->n_tensors;
     const int l2_on = a->weight_decay != 0.0 && !a->decouple;
     const int nesterov = a->nesterov != 0;
@@ -409,6 +402,23 @@ static void process_range(const adopt_cpu_args *a, tensor_info *info, int64_t lo
         case ADOPT_BF16: ADOPT_SEGMENT(bf16, uint16_t, float, kf, 1); break;
         }
     }
+}
+
+ADOPT_CLONES
+static void step_range(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi) {
+    range_pass(a, info, lo, hi, PASS_STEP);
+}
+
+/* A cautious step's two passes, cloned like the step itself (the baseline build of their
+ * loops ran 3x slower than the AVX2 one). */
+ADOPT_CLONES
+static void moments_range(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi) {
+    range_pass(a, info, lo, hi, PASS_MOMENTS);
+}
+
+ADOPT_CLONES
+static void apply_range(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi) {
+    range_pass(a, info, lo, hi, PASS_APPLY);
 }
 
 /* ---- entry point -------------------------------------------------------------------- */
@@ -522,12 +532,12 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
             chunk = (chunk + ADOPT_RANGE_ALIGN - 1) / ADOPT_RANGE_ALIGN * ADOPT_RANGE_ALIGN;
             const int64_t lo = tid * chunk < total ? tid * chunk : total;
             const int64_t hi = lo + chunk < total ? lo + chunk : total;
-            if (lo < hi) process_range(a, info, lo, hi, a->caution ? PASS_MOMENTS : PASS_STEP);
+            if (lo < hi) (a->caution ? moments_range : step_range)(a, info, lo, hi);
             if (a->caution) { /* the same condition in every thread: all reach the barriers */
 #pragma omp barrier
 #pragma omp single
                 caution_weights(a, info);
-                if (lo < hi) process_range(a, info, lo, hi, PASS_APPLY);
+                if (lo < hi) apply_range(a, info, lo, hi);
             }
         }
         double latest = call_start;
@@ -538,11 +548,11 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
         }
 #endif
     } else if (a->caution) {
-        process_range(a, info, 0, total, PASS_MOMENTS);
+        moments_range(a, info, 0, total);
         caution_weights(a, info);
-        process_range(a, info, 0, total, PASS_APPLY);
+        apply_range(a, info, 0, total);
     } else {
-        process_range(a, info, 0, total, PASS_STEP);
+        step_range(a, info, 0, total);
     }
     for (int64_t i = 0; i < n; i++) *a->step[i] += 1.0f;
     free(info);

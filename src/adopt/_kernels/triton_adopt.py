@@ -329,7 +329,7 @@ if triton is not None:
                         kept = _moment_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, wd, one_minus_b1,
                                             b2, one_minus_b2, eps_c, clip, COMPUTE, MAXIMIZE, WD_MODE, NESTEROV)
                     else:
-                        kept = tl.zeros((), tl.int64)
+                        kept = tl.full((), 0, tl.int64)
                         for sub in tl.range(0, BLOCK, TAIL):
                             o = start + sub + tl.arange(0, TAIL)
                             kept += _moment_step(p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, inv_scale, wd,
@@ -364,7 +364,7 @@ if triton is not None:
                 if done == nblocks - 1:
                     tl.store(counters_ptr + t, 0)
                     if PASS == 2:
-                        tl.store(kept_ptr + t, tl.zeros((), tl.int64))
+                        tl.store(kept_ptr + t, tl.full((), 0, tl.int64))
                     tl.store(step_ptr, step + 1.0)
 
     _INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
