@@ -149,6 +149,12 @@ if triton is not None:
             tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _add(a, b):
+        """The combine function of a sum (tl.reduce: tl.sum is a library jit function that the
+        interpreter does not run when triton was imported without it)."""
+        return a + b
+
+    @triton.jit
     def _agree(u, g):
         """Whether u and g have the same nonzero sign."""
         return ((u > 0) & (g > 0)) | ((u < 0) & (g < 0))
@@ -205,7 +211,7 @@ if triton is not None:
         tl.store(m_ptr + offs, m_stored, mask=mask)
         if not NESTEROV:
             tl.store(v_ptr + offs, (beta2 * v + one_minus_beta2 * (g * g)).to(v_ptr.dtype.element_ty), mask=mask)
-        return tl.sum(agree.to(tl.int64), axis=0)
+        return tl.reduce(agree.to(tl.int64), 0, _add)
 
     @triton.jit
     def _apply_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, inv_scale, lr, wd, decay, weight,
