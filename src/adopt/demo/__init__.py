@@ -47,7 +47,7 @@ Reproduce the evidence of the ADOPT paper (Taniguchi et al., NeurIPS 2024) on th
           character-level transformer language model on this Python's own standard
           library sources, each with float32 parameters, bfloat16 parameters with
           round-to-nearest, and bfloat16 with ADOPT(stochastic_rounding=True), over 3
-          seeds. About 2 minutes, --quick under 30 seconds.
+          seeds. About 2-3 minutes, --quick under 30 seconds.
 
 The default run (toy, digits) takes about 30 seconds on 2 CPU cores, --quick under 10
 seconds. Results go to --out: demo.png (figure), demo.json (all numbers); a table and a
@@ -94,7 +94,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "  adopt demo                         full run (~30 s), writes ./adopt-demo/\n"
         "  adopt demo --quick                 smoke run (a few seconds)\n"
         "  adopt demo --experiments toy --steps 50000 --seeds 64 --out runs/toy\n"
-        "  adopt demo --experiments precision   bfloat16 with and without stochastic rounding (~2 min)"
+        "  adopt demo --experiments precision   bfloat16 with and without stochastic rounding (~2-3 min)"
     )
     parser.add_argument(
         "--experiments", type=_experiments, default=DEFAULT_EXPERIMENTS, metavar="LIST",
