@@ -18,7 +18,7 @@ max(2 %, 2 seed standard deviations) of float32's (the larger of the two variant
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -38,7 +38,7 @@ SIGMAS = 2.0
 
 
 def train_digits(
-    optimizer_kwargs: dict[str, Any], dtype: torch.dtype, epochs: int, seeds: int, device: torch.device,
+    optimizer_kwargs: Mapping[str, Any], dtype: torch.dtype, epochs: int, seeds: int, device: torch.device,
     progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """The digits MLP with parameters stored in ``dtype``, trained by ``ADOPT(**optimizer_kwargs)``.
