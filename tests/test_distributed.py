@@ -10,6 +10,12 @@ against a single-process run on the full batch:
 * ``ddp-overlap``: DDP ``_register_fused_optim(FunctionalADOPT)`` (the step runs in backward)
 * ``fsdp2-dcp``: FSDP2 state saved with ``torch.distributed.checkpoint`` mid-run and loaded
   into a fresh model and optimizer; the resumed run must equal the uninterrupted one exactly.
+* ``fsdp2-bf16-sr``: FSDP2 with bfloat16 parameters stored as such (no MixedPrecisionPolicy)
+  and ``stochastic_rounding=True``. Each rank rounds its shard with the parameter's seed and
+  the shard's *local* element index, so the reference is a single process that trains every
+  shard as a tensor of its own, seeded with its parameter's seed; it must match bit for bit.
+  Every rank takes the full batch: the reduce-scatter of two equal bfloat16 gradients is exact.
+* ``fsdp2-bf16-sr-dcp``: the same, resumed from a distributed checkpoint: exact.
 
 Each rank computes the reference itself, the max absolute difference is max-reduced over the
 ranks, and rank 0 writes the results; the tests then check them per engine and path. Groups
@@ -109,8 +115,8 @@ def _run_ddp(rank: int, kw: dict[str, Any], _: Path) -> list[Tensor]:
     return [p.detach() for p in model.module.parameters()]
 
 
-def _sharded_model(seed: int = 0) -> nn.Sequential:
-    model = _model(seed)
+def _sharded_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    model = _model(seed).to(dtype)
     fully_shard(model[0])
     fully_shard(model[2])
     fully_shard(model)
@@ -152,24 +158,69 @@ def _local_tensors(model: nn.Module, opt: ADOPT) -> list[Tensor]:
 
 def _run_fsdp2_dcp(rank: int, kw: dict[str, Any], ckpt_dir: Path) -> list[Tensor]:
     """The resumed run's local tensors minus the uninterrupted run's: all zeros when exact."""
-    batches = _batches()
-    model = _sharded_model()
+    return _resume_from_dcp(rank, kw, ckpt_dir, torch.float32, _batches(), rank)
+
+
+def _bf16_batches() -> list[tuple[Tensor, Tensor]]:
+    return [(x.bfloat16(), y.bfloat16()) for x, y in _batches()]
+
+
+def _run_fsdp2_bf16_sr(rank: int, kw: dict[str, Any], _: Path) -> list[Tensor]:
+    model = _sharded_model(dtype=torch.bfloat16)
+    opt = ADOPT(model.parameters(), **HP, **kw, stochastic_rounding=True)
+    _train(model, opt, _bf16_batches(), rank=None)
+    assert opt.state[next(iter(model.parameters()))]["seed"].dtype == torch.int64
+    return [p.detach().full_tensor() for p in model.parameters()]  # type: ignore[attr-defined]
+
+
+def _shard_reference(kw: dict[str, Any]) -> list[Tensor]:
+    """One process, every parameter cut into its FSDP2 shards (``torch.chunk`` along dim 0),
+    each shard a tensor of ADOPT's own with the seed of its parameter."""
+    from adopt._random import param_seed
+
+    model = _model().to(torch.bfloat16)
+    names = [name for name, _ in model.named_parameters()]
+    shards = [[c.clone().requires_grad_() for c in torch.chunk(p.detach(), WORLD)] for p in model.parameters()]
+    opt = ADOPT([s for parts in shards for s in parts], **HP, **kw, stochastic_rounding=True)
+    for step, (x, y) in enumerate(_bf16_batches()):
+        whole = {name: torch.cat(parts) for name, parts in zip(names, shards)}
+        F.mse_loss(torch.func.functional_call(model, whole, (x,)), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:  # the seeds exist after the first step, which rounds nothing (it sets v)
+            for i, parts in enumerate(shards):
+                for part in parts:
+                    opt.state[part]["seed"].fill_(param_seed(i))
+    return [torch.cat(parts).detach() for parts in shards]
+
+
+def _run_fsdp2_bf16_sr_dcp(rank: int, kw: dict[str, Any], ckpt_dir: Path) -> list[Tensor]:
+    return _resume_from_dcp(rank, {**kw, "stochastic_rounding": True}, ckpt_dir, torch.bfloat16, _bf16_batches(), None)
+
+
+def _resume_from_dcp(
+    rank: int, kw: dict[str, Any], ckpt_dir: Path, dtype: torch.dtype,
+    batches: list[tuple[Tensor, Tensor]], data_rank: Optional[int],
+) -> list[Tensor]:
+    """Train, save with DCP at SAVE_AT, finish; load into a fresh model and finish again.
+    ``data_rank``: whose half of each batch this rank takes (None: the full batch)."""
+    model = _sharded_model(dtype=dtype)
     opt = ADOPT(model.parameters(), **HP, **kw)
-    _train(model, opt, batches[:SAVE_AT], rank)
+    _train(model, opt, batches[:SAVE_AT], data_rank)
     dcp.save(
         {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
         checkpoint_id=ckpt_dir,
     )
-    _train(model, opt, batches[SAVE_AT:], rank)
+    _train(model, opt, batches[SAVE_AT:], data_rank)
     uninterrupted = _local_tensors(model, opt)
 
-    fresh = _sharded_model(seed=123)
+    fresh = _sharded_model(seed=123, dtype=dtype)
     fresh_opt = ADOPT(fresh.parameters(), **HP, **kw)
     state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_opt)}
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_model_state_dict(fresh, state["model"])
     set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
-    _train(fresh, fresh_opt, batches[SAVE_AT:], rank)
+    _train(fresh, fresh_opt, batches[SAVE_AT:], data_rank)
     resumed = _local_tensors(fresh, fresh_opt)
     assert len(resumed) == len(uninterrupted)
     return [r.float() - u.float() for r, u in zip(resumed, uninterrupted)]
@@ -181,14 +232,21 @@ RUNNERS: dict[str, Callable[[int, dict[str, Any], Path], list[Tensor]]] = {
     "zero": _run_zero,
     "ddp-overlap": _run_ddp_overlap,
     "fsdp2-dcp": _run_fsdp2_dcp,
+    "fsdp2-bf16-sr": _run_fsdp2_bf16_sr,
+    "fsdp2-bf16-sr-dcp": _run_fsdp2_bf16_sr_dcp,
 }
+# Engines whose result must be exact: differences of a resumed run, or of a reference that
+# rounds as the engine does.
+RESUMED = ("fsdp2-dcp", "fsdp2-bf16-sr-dcp")
+EXACT = (*RESUMED, "fsdp2-bf16-sr")
 
 
 def _max_diff(engine: str, got: list[Tensor], kw: dict[str, Any]) -> float:
-    if engine == "fsdp2-dcp":
+    if engine in RESUMED:
         diffs = got
     else:
-        diffs = [g - r for g, r in zip(got, _reference(kw), strict=True)]
+        reference = _shard_reference(kw) if engine == "fsdp2-bf16-sr" else _reference(kw)
+        diffs = [g.float() - r.float() for g, r in zip(got, reference, strict=True)]
     local = torch.tensor(max(float(d.abs().max()) if d.numel() else 0.0 for d in diffs))
     dist.all_reduce(local, op=dist.ReduceOp.MAX)
     return float(local)
@@ -207,7 +265,7 @@ def _worker(rank: int, port: int, results_file: str, cases: list[tuple[str, str,
         for engine, path, kw in cases:
             started = time.perf_counter()
             try:
-                got = RUNNERS[engine](rank, kw, Path(results_file).parent / f"ckpt-{path}")
+                got = RUNNERS[engine](rank, kw, Path(results_file).parent / f"ckpt-{engine}-{path}")
                 entry: dict[str, Any] = {"max_diff": _max_diff(engine, got, kw)}
             except Exception:  # recorded per case; the next case starts after a barrier
                 entry = {"error": traceback.format_exc()}
@@ -272,11 +330,11 @@ def _run_cases(cases: list[tuple[str, str, dict[str, Any]]], out_dir: Path) -> d
 
 
 def _table(results: dict[str, dict[str, Any]], paths: list[str]) -> str:
-    rows = [f"{'engine':<12}" + "".join(f"{p:>20}" for p in paths)]
+    rows = [f"{'engine':<18}" + "".join(f"{p:>20}" for p in paths)]
     for engine in RUNNERS:
         entries = [results[f"{engine} / {p}"] for p in paths]
         cells = (f"{e['max_diff']:>20.3e}" if "max_diff" in e else f"{'ERROR':>20}" for e in entries)
-        rows.append(f"{engine:<12}" + "".join(cells))
+        rows.append(f"{engine:<18}" + "".join(cells))
     return "\n".join(rows)
 
 
@@ -299,8 +357,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
 def test_engine_matches_single_process(results: dict[str, dict[str, Any]], engine: str, path: str) -> None:
     entry = results[f"{engine} / {path}"]
     assert "error" not in entry, f"{engine} / {path} raised:\n{entry['error']}"
-    if engine == "fsdp2-dcp":
+    if engine in RESUMED:
         assert entry["max_diff"] == 0.0, "resuming from the distributed checkpoint is not exact"
+    elif engine in EXACT:
+        assert entry["max_diff"] == 0.0, "the shards are not rounded as standalone tensors with their seed"
     else:
         assert entry["max_diff"] <= TOLERANCE
 

@@ -515,6 +515,25 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
     assert all("median_ms" in row and row["vs_roofline"] > 0 for row in paths.values())
 
 
+def test_bench_times_stochastic_rounding_by_default_only_for_16_bit_dtypes(tmp_path: Path) -> None:
+    """adopt-fused-sr is the adopt-fused step unless the parameters are 16-bit."""
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "-m", "adopt.bench", "--quick", "--sizes", "20k:10", "--repeats", "2", "--warmup", "1",
+         "--cache", "warm", "--dtype", "bfloat16", "--out", str(out)],
+        check=True, capture_output=True, timeout=120,
+    )
+    (case,) = json.loads(out.read_text())["cases"]
+    assert {row["path"] for row in case["results"]} == {
+        "adopt-single", "adopt-foreach", "adopt-fused", "adopt-fused-sr", "adamw-foreach", "adamw-fused"
+    }
+    from adopt.bench import _make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]
+    assert _make_optimizer("adopt-fused-sr", params).param_groups[0]["stochastic_rounding"] is True
+    assert _make_optimizer("adopt-fused", params).param_groups[0]["stochastic_rounding"] is False
+
+
 @pytest.mark.parametrize("capturable", [False, True])
 def test_compiled_fused_step_with_a_custom_schedule_matches_eager(capturable: bool) -> None:
     """Under torch.compile a custom schedule becomes the op's per-tensor threshold table.

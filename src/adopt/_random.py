@@ -119,12 +119,27 @@ def stochastic_round(x: Tensor, bits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(nan, x, out).to(dtype)
 
 
+def _local_shard(t: Tensor) -> Tensor:
+    """A DTensor's (FSDP2's) local shard, the tensor itself otherwise."""
+    if type(t) in (Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        with torch.no_grad():  # the shard itself, not an autograd view of it
+            return t.to_local()
+    return t
+
+
 def stochastic_round_(dst: Tensor, x: Tensor, key: Union[int, Tensor], offset: int = 0) -> None:
     """``dst.copy_(x)`` with stochastic rounding: ``dst`` a bfloat16/float16 tensor (or a flat
     slice starting at element ``offset`` of one), ``x`` its float32 values (same shape).
 
+    A DTensor ``dst`` (FSDP2) is rounded shard by shard, each rank its local shard with the
+    *local* element index, as the fused kernels do (``x`` must share its layout).
     Runs in batches of :data:`_BATCH` elements, so the int64 temporaries stay bounded.
     """
+    dst, x = _local_shard(dst), _local_shard(x)
     n = dst.numel()
     flat = x.reshape(-1)
     if n <= _BATCH:

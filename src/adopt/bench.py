@@ -5,6 +5,8 @@ same tensors' sizes:
 
 * ``adopt-single``, ``adopt-foreach``, ``adopt-fused``: ``ADOPT(...).step()`` with
   ``foreach=False``, ``foreach=True`` and ``fused=True``;
+* ``adopt-fused-sr``: ``fused=True, stochastic_rounding=True``, the cost of stochastic
+  rounding; it differs from ``adopt-fused`` only for bfloat16/float16 (``--dtype``);
 * ``adamw-foreach``, ``adamw-fused``: ``torch.optim.AdamW`` the same two ways;
 * the memory-bandwidth roofline: a minimal optimizer step reads p, g, m, v and writes p,
   m, v (7 values per element, 28 bytes in float32). The bandwidth is measured with an
@@ -56,7 +58,7 @@ import torch
 from ._argtypes import device_type
 from .info import cpu_name
 
-PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused")
+PATHS = ("adopt-single", "adopt-foreach", "adopt-fused", "adopt-fused-sr", "adamw-foreach", "adamw-fused")
 # The fused step with one option on, timed when named in --paths (what each option costs).
 OPTION_PATHS: dict[str, dict[str, Any]] = {
     "adopt-fused-nesterov": dict(nesterov=True),
@@ -66,6 +68,9 @@ OPTION_PATHS: dict[str, dict[str, Any]] = {
 DEFAULT_SIZES = "1M:200,50M:10"
 QUICK_SIZES = "200k:50,2M:4"
 QUICK_REPEATS = 15  # enough for a median that means something, still seconds
+# adopt-fused-sr times the same step as adopt-fused except for 16-bit parameters, so the
+# default runs it only for those.
+SR_DTYPES = ("bfloat16", "float16")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
 ROUNDS = 5  # interleaved timing rounds per case
@@ -77,6 +82,8 @@ FLUSH_CACHE_FACTOR = 3  # ... or this many times the largest cache the system re
 DESCRIPTION = """\
 Time one optimizer step of every ADOPT path (single-tensor, foreach, fused) and of
 torch.optim.AdamW (foreach, fused) on this machine, next to the memory-bandwidth roofline.
+adopt-fused-sr is fused=True with stochastic_rounding=True; it differs from adopt-fused only
+for --dtype bfloat16 or float16 (the default runs it only then).
 
 An optimizer step is memory-bound: it reads params, grads and both moments and writes
 params and moments, 7 values per element (28 bytes in float32). The roofline is that
@@ -185,8 +192,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "of timing (default: 3)",
     )
     parser.add_argument(
-        "--paths", type=_paths, default=PATHS, metavar="NAME[,...]",
-        help=f"which optimizers to time (default: all of {', '.join(PATHS)}; also {', '.join(OPTION_PATHS)}: "
+        "--paths", type=_paths, default=None, metavar="NAME[,...]",
+        help=f"which optimizers to time (default: all of {', '.join(PATHS)}; adopt-fused-sr only with a "
+        f"16-bit --dtype, since for wider dtypes it is the adopt-fused step; also {', '.join(OPTION_PATHS)}: "
         "the fused step with that option on)",
     )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype (default: float32)")
@@ -249,6 +257,8 @@ def _make_optimizer(path: str, params: list[torch.nn.Parameter]) -> torch.optim.
         return ADOPT(params, foreach=True)
     if path == "adopt-fused":
         return ADOPT(params, fused=True)
+    if path == "adopt-fused-sr":  # the same step as adopt-fused unless the dtype is 16-bit
+        return ADOPT(params, fused=True, stochastic_rounding=True)
     if path in OPTION_PATHS:
         return ADOPT(params, fused=True, **OPTION_PATHS[path])
     if path == "adamw-foreach":
@@ -597,8 +607,9 @@ def run(args: argparse.Namespace) -> int:
     cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     dtype = DTYPES[args.dtype]
     flush_bytes = args.flush_mib * 2**20 if args.flush_mib is not None else default_flush_bytes(device)
+    paths = args.paths or tuple(p for p in PATHS if p != "adopt-fused-sr" or args.dtype in SR_DTYPES)
     results = run_cases(
-        cases, args.paths, device, dtype, args.warmup, args.repeats, args.quick, args.cache, flush_bytes
+        cases, paths, device, dtype, args.warmup, args.repeats, args.quick, args.cache, flush_bytes
     )
     config = {"device": str(device), "dtype": args.dtype, "warmup": args.warmup, "quick": args.quick,
               "cache": args.cache}

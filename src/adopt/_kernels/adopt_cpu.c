@@ -191,11 +191,13 @@ typedef struct {
         u = u < -clip ? -clip : u;                                                                \
         return u > clip ? clip : u;                                                               \
     }                                                                                             \
-    /* p written back: to nearest, or (sr_on) stochastically with the element's word. */         \
+    /* p written back: to nearest, or (sr_on) stochastically with the element's word, from  \
+     * index_g = index * GOLDEN (the loops keep it as a 32-bit induction variable: a multiply  \
+     * per element saved, and no 64-bit lanes from the int64 loop index). */                   \
     ADOPT_INLINE T store_p_##SUF(const C x, const int sr_on, const uint32_t key,                  \
-                                 const uint32_t index) {                                          \
+                                 const uint32_t index_g) {                                        \
         const T nearest = STORE(x);                                                               \
-        return sr_on ? STORE_SR(x, element_word(key, index)) : nearest;                          \
+        return sr_on ? STORE_SR(x, mix32(index_g ^ key)) : nearest;                              \
     }                                                                                             \
     ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
@@ -203,7 +205,8 @@ typedef struct {
                                     const uint32_t key, const uint32_t base) {                    \
         const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \
         const C b2 = k->b2, b2c = k->b2c;                                                         \
-        ADOPT_SIMD                                                                                \
+        uint32_t index_g = base * ADOPT_GOLDEN;                                                   \
+        _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")                                        \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
             C gi = LOAD(g[i]) * gs;                                                               \
@@ -217,7 +220,8 @@ typedef struct {
             const C mu = sr_on ? LOAD(ms) : mi;                                                   \
             const C ahead = mu + b1c * (u - mu);                                                  \
             const C up = nesterov ? ahead : mu;                                                   \
-            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, base + (uint32_t)i);           \
+            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, index_g);                      \
+            index_g += ADOPT_GOLDEN;                                                              \
             m[i] = ms;                                                                            \
             v[i] = STORE(b2 * vi + b2c * (gi * gi));                                              \
         }                                                                                         \
@@ -253,7 +257,8 @@ typedef struct {
                                    const int nesterov, const uint32_t key, const uint32_t base) { \
         const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \
         const C b2 = k->b2, b2c = k->b2c;                                                         \
-        ADOPT_SIMD                                                                                \
+        uint32_t index_g = base * ADOPT_GOLDEN;                                                   \
+        _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")                                        \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
             const C gl = LOAD(g[i]) * gs;                                                         \
@@ -266,7 +271,8 @@ typedef struct {
                 v[i] = STORE(b2 * vi + b2c * (gi * gi));                                          \
             }                                                                                     \
             up = up * (ADOPT_AGREE(up, gi) ? w : (C)0);                                           \
-            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, base + (uint32_t)i);           \
+            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, index_g);                      \
+            index_g += ADOPT_GOLDEN;                                                              \
         }                                                                                         \
     }
 

@@ -1,9 +1,11 @@
 """``adopt demo``: reproduce the ADOPT paper's evidence on this machine in about 30 seconds.
 
-Two experiments, chosen with ``--experiments``:
+Experiments, chosen with ``--experiments`` (the default runs the first two):
 
 * ``toy``: the paper's synthetic counterexample (its Figure 1), see :mod:`adopt.demo.toy`.
 * ``digits``: a small MLP on scikit-learn's digits, see :mod:`adopt.demo.digits`.
+* ``precision``: pure bfloat16 training with and without stochastic rounding against
+  float32, see :mod:`adopt.demo.precision`.
 
 Writes ``demo.png`` and ``demo.json`` to ``--out`` and prints a table and a reading of the
 numbers. Needs the ``demo`` extra: ``pip install ".[demo]"`` in a clone of the repository.
@@ -22,10 +24,14 @@ from typing import Any
 
 from .._argtypes import device_type
 
-EXPERIMENTS = ("toy", "digits")
+EXPERIMENTS = ("toy", "digits", "precision")
+DEFAULT_EXPERIMENTS = ("toy", "digits")
 # Defaults of the full run and of --quick; explicit flags override either.
 DEFAULTS = {"steps": 20_000, "epochs": 30, "seeds": 32}
 QUICK = {"steps": 3_000, "epochs": 3, "seeds": 16}
+# The precision experiment's own (it trains every seed three times, one a language model).
+PRECISION_DEFAULTS = {"lm_steps": 600, "epochs": 30, "seeds": 3}
+PRECISION_QUICK = {"lm_steps": 30, "epochs": 3, "seeds": 3}
 INSTALL_HINT = 'pip install ".[demo]" (in a clone of the repository)'
 
 DESCRIPTION = """\
@@ -37,10 +43,15 @@ Reproduce the evidence of the ADOPT paper (Taniguchi et al., NeurIPS 2024) on th
           AMSGrad, ADOPT without clipping and ADOPT with its default clip.
   digits  A small MLP on scikit-learn's built-in digits (no download), trained with
           ADOPT, Adam and AdamW at their default beta2 and at beta2 = 0.5.
+  precision  (only when chosen) Pure bfloat16 training: the digits MLP and a small
+          character-level transformer language model on this Python's own standard
+          library sources, each with float32 parameters, bfloat16 parameters with
+          round-to-nearest, and bfloat16 with ADOPT(stochastic_rounding=True), over 3
+          seeds. About 2-3 minutes, --quick under 30 seconds.
 
-The default run takes about 30 seconds on 2 CPU cores, --quick under 10 seconds. Results go
-to --out: demo.png (figure), demo.json (all numbers); a table and a plain reading of
-the numbers are printed.
+The default run (toy, digits) takes about 30 seconds on 2 CPU cores, --quick under 10
+seconds. Results go to --out: demo.png (figure), demo.json (all numbers); a table and a
+plain reading of the numbers are printed.
 """
 
 
@@ -82,11 +93,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  adopt demo                         full run (~30 s), writes ./adopt-demo/\n"
         "  adopt demo --quick                 smoke run (a few seconds)\n"
-        "  adopt demo --experiments toy --steps 50000 --seeds 64 --out runs/toy"
+        "  adopt demo --experiments toy --steps 50000 --seeds 64 --out runs/toy\n"
+        "  adopt demo --experiments precision   bfloat16 with and without stochastic rounding (~2-3 min)"
     )
     parser.add_argument(
-        "--experiments", type=_experiments, default=EXPERIMENTS, metavar="LIST",
-        help="comma-separated experiments to run: toy, digits (default: toy,digits)",
+        "--experiments", type=_experiments, default=DEFAULT_EXPERIMENTS, metavar="LIST",
+        help="comma-separated experiments to run: toy, digits, precision (default: toy,digits)",
     )
     parser.add_argument(
         "--steps", type=_positive_int, metavar="N",
@@ -94,11 +106,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--epochs", type=_positive_int, metavar="N",
-        help=f"training epochs of the digits MLP (default: {DEFAULTS['epochs']}; --quick: {QUICK['epochs']})",
+        help=f"training epochs of the digits MLP (default: {DEFAULTS['epochs']}; --quick: {QUICK['epochs']};"
+        " the same for precision)",
+    )
+    parser.add_argument(
+        "--lm-steps", type=_positive_int, metavar="N",
+        help=f"optimizer steps of the precision experiment's language model (default: {PRECISION_DEFAULTS['lm_steps']};"
+        f" --quick: {PRECISION_QUICK['lm_steps']})",
     )
     parser.add_argument(
         "--seeds", type=_positive_int, metavar="N",
-        help=f"independent runs per optimizer and beta2, batched together (default: {DEFAULTS['seeds']})",
+        help=f"independent runs per optimizer and beta2, batched together (default: {DEFAULTS['seeds']};"
+        f" precision: {PRECISION_DEFAULTS['seeds']})",
     )
     parser.add_argument(
         "--device", type=_device, default="cpu", metavar="DEV",
@@ -117,7 +136,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _missing_packages(experiments: tuple[str, ...]) -> list[str]:
     """Distribution names of the demo dependencies that cannot be imported."""
     needed = {"matplotlib": "matplotlib", "tqdm": "tqdm"}
-    if "digits" in experiments:
+    if "digits" in experiments or "precision" in experiments:
         needed["sklearn"] = "scikit-learn"
     missing = []
     for module, dist in needed.items():
@@ -205,6 +224,19 @@ def _run(args: argparse.Namespace, steps: int, epochs: int, seeds: int, device: 
         t0 = time.perf_counter()
         results["digits"] = run_digits(epochs, seeds, device, lambda n, d: _progress(n, d, "epoch"))
         results["digits"]["seconds"] = round(time.perf_counter() - t0, 1)
+    if "precision" in args.experiments:
+        from .precision import VARIANTS, run_precision
+
+        preset = PRECISION_QUICK if args.quick else PRECISION_DEFAULTS
+        lm_steps, p_epochs, p_seeds = (getattr(args, k) or preset[k] for k in ("lm_steps", "epochs", "seeds"))
+        print(
+            f"[precision] digits MLP ({p_epochs} epochs) and char-level LM ({lm_steps} steps) x"
+            f" {len(VARIANTS)} parameter precisions, {p_seeds} seeds, on {device}",
+            flush=True,
+        )
+        t0 = time.perf_counter()
+        results["precision"] = run_precision(lm_steps, p_epochs, p_seeds, device, lambda n, d: _progress(n, d, "step"))
+        results["precision"]["seconds"] = round(time.perf_counter() - t0, 1)
 
     tables, reading = [], []
     if "toy" in results:
@@ -213,6 +245,9 @@ def _run(args: argparse.Namespace, steps: int, epochs: int, seeds: int, device: 
     if "digits" in results:
         tables.append(report.digits_table(results["digits"]))
         reading += report.digits_reading(results["digits"])
+    if "precision" in results:
+        tables.append(report.precision_table(results["precision"]))
+        reading += report.precision_reading(results["precision"])
     results["reading"] = reading
     limits = report.run_limits(results)
     results["limits"] = limits

@@ -64,6 +64,66 @@ def digits_table(digits: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PRECISION_COLORS = {"float32": "black", "bfloat16, nearest": "tab:red", "bfloat16, stochastic": "tab:cyan"}
+# float32 solid and wide, stochastic rounding dashed on top: where they coincide both show.
+PRECISION_STYLES = {"float32": ("-", 2.6), "bfloat16, nearest": ("-", 1.6), "bfloat16, stochastic": ("--", 1.6)}
+PRECISION_TASKS = {"digits": "digits MLP", "charlm": "char-level LM"}
+
+
+def _task_title(task: str, result: dict[str, Any]) -> str:
+    setup = result["setup"]
+    length = f"{setup['epochs']} epochs" if setup["unit"] == "epoch" else f"{setup['steps']} steps"
+    return f"{PRECISION_TASKS[task]} (lr {setup['lr']:g}, {length})"
+
+
+def precision_table(precision: dict[str, Any]) -> str:
+    """Final train and validation loss per task and variant, with the change against float32."""
+    seeds = precision["setup"]["seeds"]
+    lines = [
+        f"Pure bfloat16 training with ADOPT: final loss (nats, computed in float32), mean +- std over {seeds} seeds;"
+        " in brackets the change against float32; 'matches' = within max(2 %, 2 seed-std) of float32",
+        f"{'task':<38}{'parameters':<24}{'train loss':>28}{'validation loss':>28}  matches float32",
+    ]
+    for task, result in precision["tasks"].items():
+        title = _task_title(task, result)
+        for name, cell in result["summary"].items():
+            parts = []
+            for split in ("train", "val"):
+                c = cell[split]
+                change = "" if name == "float32" else f" ({100 * c['relative_to_float32']:+.1f} %)"
+                parts.append(f"{_pm(c['mean'], c['std'], digits=4)}{change}")
+            verdict = "-" if name == "float32" else "/".join(
+                "yes" if cell[split]["matches_float32"] else "no" for split in ("train", "val")
+            )
+            lines.append(f"{title:<38}{name:<24}{parts[0]:>28}{parts[1]:>28}  {verdict}")
+            title = ""
+    return "\n".join(lines)
+
+
+def precision_reading(precision: dict[str, Any]) -> list[str]:
+    """Per task: how far each bfloat16 variant ends from float32, against the tolerance."""
+    lines = ["Pure bfloat16 training (train / validation loss against float32):"]
+    for task, result in precision["tasks"].items():
+        summary = result["summary"]
+        parts = []
+        for name in ("bfloat16, stochastic", "bfloat16, nearest"):
+            cells = summary[name]
+            changes = " / ".join(f"{100 * cells[s]['relative_to_float32']:+.1f} %" for s in ("train", "val"))
+            matched = all(cells[s]["matches_float32"] for s in ("train", "val"))
+            parts.append(f"{name.split(', ')[1]} rounding {changes} ({'within' if matched else 'outside'} the tolerance)")
+        tolerance = " / ".join(f"{summary['bfloat16, stochastic'][s]['tolerance']:.4f}" for s in ("train", "val"))
+        lines.append(f"  {_task_title(task, result)}: {'; '.join(parts)}; tolerance for stochastic rounding"
+                     f" {tolerance} nats.")
+    lines.append(
+        "  Why: a bfloat16 value keeps 8 significant bits, so an update below half an ulp (2**-9 to 2**-8 of the value)"
+        " is rounded away on every step by round-to-nearest and the parameter stalls; stochastic rounding"
+        " rounds up with the probability of the dropped fraction, so the update survives on average."
+    )
+    if precision["setup"]["seeds"] < 2:
+        lines.append("  (One seed: no seed-to-seed spread, so the tolerance is the 2 % alone.)")
+    return lines
+
+
 def _where(theta: float) -> str:
     """Which end of [-1, 1] a final mean θ counts as near."""
     if theta < -NEAR:
@@ -230,6 +290,16 @@ def finding(results: dict[str, Any]) -> str:
         acc = {s: {n: r["test_accuracy_mean"] for n, r in digits["results"][s].items()} for s in (base, other)}
         change = ", ".join(f"{n} {100 * (acc[other][n] - acc[base][n]):+.1f}" for n in ("ADOPT", "Adam") if n in acc[base])
         parts.append(f"digits, {other.replace('beta2', 'β$_2$')} vs default: {change} points")
+    precision = results.get("precision")
+    if precision is not None:
+        verdicts = []
+        for task, result in precision["tasks"].items():
+            summary = result["summary"]
+            verdicts.append(
+                f"{PRECISION_TASKS[task]} val loss {100 * summary['bfloat16, stochastic']['val']['relative_to_float32']:+.1f} %"
+                f" (nearest {100 * summary['bfloat16, nearest']['val']['relative_to_float32']:+.1f} %)"
+            )
+        parts.append("pure bfloat16 with stochastic rounding vs float32: " + ", ".join(verdicts))
     title = "\n".join(parts)
     if run_limits(results):
         title += "\n(a short run: what it cannot show is printed with the results)"
@@ -240,15 +310,17 @@ def save_figure(results: dict[str, Any], path: Path) -> None:
     """One row per experiment: θ over steps per β2; loss curves per setting and accuracies."""
     from matplotlib.figure import Figure
 
-    rows = [e for e in ("toy", "digits") if e in results]
+    rows = [e for e in ("toy", "digits", "precision") if e in results]
     fig = Figure(figsize=(17, 5.2 * len(rows)), layout="constrained")
     fig.suptitle(finding(results), fontsize=12)
     grid = fig.add_gridspec(len(rows), 12)
     for row, experiment in enumerate(rows):
         if experiment == "toy":
             _plot_toy(fig, grid, row, results["toy"])
-        else:
+        elif experiment == "digits":
             _plot_digits(fig, grid, row, results["digits"])
+        else:
+            _plot_precision(fig, grid, row, results["precision"])
     fig.savefig(path, dpi=110)
 
 
@@ -337,3 +409,33 @@ def _plot_digits(fig: Any, grid: Any, row: int, digits: dict[str, Any]) -> None:
     ax.set_title(f"digits test accuracy of {setup['seeds']} seeds (dot: mean, bar: 10–90 %)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside the data; same colours left
+
+
+def _plot_precision(fig: Any, grid: Any, row: int, precision: dict[str, Any]) -> None:
+    """Training and validation loss curves per task, one line per parameter precision."""
+    from matplotlib.ticker import MaxNLocator
+
+    seeds = precision["setup"]["seeds"]
+    panels = [(task, split) for task in precision["tasks"] for split in ("train", "val")]
+    width = 12 // len(panels)
+    for j, (task, split) in enumerate(panels):
+        result = precision["tasks"][task]
+        ax = fig.add_subplot(grid[row, width * j : width * (j + 1)])
+        for name, run in result["runs"].items():
+            per_seed = run[f"{split}_loss"]  # [seeds][points]
+            at = list(zip(*per_seed))
+            mean = [sum(v) / len(v) for v in at]
+            ls, lw = PRECISION_STYLES[name]
+            ax.plot(run["steps"], mean, color=PRECISION_COLORS[name], ls=ls, lw=lw, label=name)
+            ax.fill_between(run["steps"], [min(v) for v in at], [max(v) for v in at],
+                            color=PRECISION_COLORS[name], alpha=0.15, lw=0)
+        if task == "digits":  # the loss falls by orders of magnitude
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(result["setup"]["unit"])
+        what = "training" if split == "train" else ("test" if task == "digits" else "validation")
+        ax.set_ylabel(f"{what} loss (nats)")
+        ax.set_title(f"{_task_title(task, result)}: {what}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              title=f"line: mean of {seeds} seeds\nband: min-max", title_fontsize=8)
