@@ -10,26 +10,37 @@ Tensors are processed as their flat row-major view (complex tensors as their rea
 for the random words of ``adopt/_random.py``); ``n`` is that view's length. Tensors with
 ``n < MIN_8BIT_SIZE`` keep full precision under ``"8bit"`` (:func:`storage_format`).
 
+Random words: element ``i`` of a moment at a step rounds with
+``r = element_bits(state_key(seed, step, moment), i)``, ``seed`` the tensor's
+``state["seed"]`` (as for parameter rounding), ``step`` its count before the step, and a
+stream per moment (``STREAM_EXP_AVG_SQ`` = 1, ``STREAM_EXP_AVG`` = 2). So every path and a
+resumed run draw the same words.
+
 bfloat16 (``"bf16"``)
 ---------------------
-m and v are stored as bfloat16: v always with stochastic rounding, m too (see
-``docs/state-precision.md`` for the measurement); exactly ``_random.stochastic_round`` of the
-float32 value with the element's word under the moment's stream (:func:`state_key`).
+m and v are stored as bfloat16, each exactly ``_random.stochastic_round`` of its float32
+value with the element's word (:func:`round_bf16`).
 
 8-bit (``"8bit"``): block floating point
 -----------------------------------------
 The flat tensor is cut into blocks of :data:`BLOCK_SIZE` = 256 elements (the last one may be
 shorter). Each block stores a float32 ``scale`` and each element a uint8 ``code``. A code
-format is a small float with ``E`` exponent and ``M`` mantissa bits (v: unsigned, ``E + M =
-8``; m: a sign bit, then ``E + M = 7`` magnitude bits), biased so that its largest binade is
+format is a small float with ``E`` exponent and ``M`` mantissa bits (unsigned: ``E + M = 8``;
+signed: a sign bit, then ``E + M = 7`` magnitude bits), biased so that its largest binade is
 ``[1, 2)``. The magnitude ``q`` of a code has ``e = q >> M`` and ``f = q & (2**M - 1)``:
 
-* unsigned (v), every code normal: ``value(q) = 2**(e - (2**E - 1)) * (1 + f / 2**M)``. The
-  lowest code is ``2**-(2**E - 1)``, positive: v's map cannot store 0 for a positive value.
-* signed (m): the same for ``e >= 1``; ``e == 0`` is a subnormal range,
+* unsigned, every code normal: ``value(q) = 2**(e - (2**E - 1)) * (1 + f / 2**M)``. The
+  lowest code is ``2**-(2**E - 1)``, positive: the map cannot store 0 for a positive value.
+* signed: the same for ``e >= 1``; ``e == 0`` is a subnormal range,
   ``value(q) = f * 2**(2 - 2**E - M)`` (``q == 0`` is zero); bit 7 is the sign.
 
-**Block scale.** ``amax`` = the largest ``|x|`` of the block (NaN if any element is NaN).
+m is signed E4M3 of ``m``. v is unsigned E4M4 of ``u = sqrt(v)`` (float32 square root,
+correctly rounded: C ``sqrtf``, Triton ``sqrt_rn``), a *squared* format: it decodes to
+``u`` (ADOPT's denominator, with no square root to take) and ``v = u * u``, exact (``u`` has
+5 significant bits). ``docs/state-precision.md`` has the measurements behind the choice.
+
+**Block scale** of the stored values ``y`` (m, or u): ``amax`` = the largest ``|y|`` of the
+block (NaN if any element is NaN).
 
 * ``amax`` NaN or infinite: ``scale = NaN`` and every code 0 (the block decodes to NaN: a
   non-finite moment is not hidden, as full precision would propagate it).
@@ -40,53 +51,51 @@ format is a small float with ``E`` exponent and ``M`` mantissa bits (v: unsigned
   field of amax rounded up to ``M`` mantissa bits. So ``amax / scale`` lies in ``[1, 2)``,
   except when amax lies above the top code of its binade (``(2 - 2**-M) * 2**k < amax <
   2**(k+1)``): then the scale is the next power of two, and amax can still round up. Without
-  this a slowly growing block maximum sticks at the top code forever (the scale is computed
-  from the stored values, which never exceed it): v underestimated by a growing 5 % in the
-  tracking experiment. ``B_min`` (``2**E`` unsigned, ``2**E + M - 1`` signed) makes every
-  nonzero code decode to a normal float32, so decoding is exact on hardware that flushes
-  subnormals; 254 keeps the scale finite (values near the float32 maximum saturate).
+  this a slowly growing block maximum sticks at the top code (the scale is computed from
+  the stored values, which never exceed it). ``B_min`` makes every nonzero code decode to a
+  normal float32, so decoding is exact on hardware that flushes subnormals: ``2**E``
+  unsigned, ``2**E + M - 1`` signed, ``2**E + 63`` squared (the squares normal too; so
+  ``u`` below ``2**-63`` is stored as ``2**-63``: v as ``2**-126``). 254 keeps the scale
+  finite.
 
 **Decoding** is ``value(code) * scale`` in float32, exact (a product of two floats whose
-exact result is a normal float32; 0 and NaN scales give 0 and NaN).
+exact result is a normal float32; 0 and NaN scales give 0 and NaN); squared: then squared.
 
-**Encoding** of a float32 ``x`` in a block with exponent field ``B``, on its bits alone (no
+**Encoding** of a float32 ``y`` in a block with exponent field ``B``, on its bits alone (no
 floating-point operation, so every implementation gets the same code). Let ``A`` be the low
-31 bits of ``x`` (its magnitude), ``D = 23 - M`` (the dropped mantissa bits),
+31 bits of ``y`` (its magnitude), ``D = 23 - M`` (the dropped mantissa bits),
 ``o = B - (2**E - 1)`` (the float32 exponent field of code exponent 0) and ``r`` the
-element's 32-bit random word; nearest rounding uses ``r = 2**31`` (ties away from zero).
-Integer arithmetic, at least 64 bits wide, ``>>`` an arithmetic shift:
+element's random word; nearest rounding uses ``r = 2**31`` (ties away from zero). Integer
+arithmetic at least 64 bits wide:
 
-* unsigned (the sign bit is ignored; v is never negative):
+* unsigned (the sign bit is ignored):
   ``q = clamp(((A + (r >> (32 - D))) >> D) - (o << M), 0, 2**(E + M) - 1)``: values below the
   lowest code are raised to it, values above the top code lowered to it.
-* signed: with ``a = max(A >> 23, 1)`` (the exponent field, fp32 subnormals as 1) and
+* signed: with ``a = max(A >> 23, 1)`` (the exponent field, float32 subnormals as 1) and
   ``e = a - o``, the magnitude is
 
   - ``e >= 1``: ``q = ((A + (r >> (32 - D))) >> D) - (o << M)`` (as above);
   - ``e <= 0``: ``d = D + 1 - e``, ``F = (A & 0x7FFFFF) | (0x800000 if A >> 23 else 0)``;
     ``q = (F + (r >> (32 - d))) >> d`` if ``d <= 32``, else ``q = 0``;
 
-  then ``q = min(q, 127)`` and ``code = q | 128`` if the sign bit of ``x`` is set (-0.0 keeps
+  then ``q = min(q, 127)`` and ``code = q | 128`` if the sign bit of ``y`` is set (-0.0 keeps
   its sign), else ``q``.
 
 Adding the top ``D`` (or ``d``) bits of ``r`` below the kept bits and truncating rounds away
 from zero with probability equal to the dropped fraction of a code step: stochastic
-rounding, unbiased except where the code saturates (v below its lowest code;
-anything above the top code, which happens only near the float32 maximum) and for signed values under ``2**-8`` of the subnormal step (``d > 32``).
-The word ``r`` of element ``i`` is ``element_bits(state_key(seed, step, kind), i)``: the
-per-tensor seed of ``state["seed"]``, the step count before the step and the element's flat
-index, so every path and a resumed run draw the same words.
+rounding, unbiased in ``y`` except where the code saturates (unsigned below its lowest
+code; anything above the top code, which happens only near the float32 maximum) and for
+signed values under ``2**-8`` of the subnormal step (``d > 32``).
 
-Chosen formats (``docs/state-precision.md`` has the measurements): v unsigned E4M4 with
-stochastic rounding, m signed E4M3 with stochastic rounding. State bytes per element: 2 + 8 /
-256 = 2.03125 (codes and scales of both moments).
+State bytes per element under ``"8bit"``: 2 + 8 / 256 = 2.03125 (codes and scales of both
+moments); ``"bf16"``: 4.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -127,24 +136,29 @@ _BATCH_BLOCKS = (1 << 20) // BLOCK_SIZE
 _HALF = 1 << 31  # the random word that makes the rounding round-to-nearest
 
 Key = Union[int, Tensor]
+_I = TypeVar("_I", int, Tensor)
 
 
 @dataclass(frozen=True)
 class CodeFormat:
     """An 8-bit float-like code: ``signed`` (sign bit + 7 bits) or not, ``exp_bits`` +
-    ``man_bits`` magnitude bits; the module docstring gives its values."""
+    ``man_bits`` magnitude bits; ``squared``: the code stores the square root of the moment
+    (module docstring)."""
 
     signed: bool
     exp_bits: int
     man_bits: int
+    squared: bool = False
 
     def __post_init__(self) -> None:
         if self.exp_bits + self.man_bits + int(self.signed) != 8 or self.exp_bits < 1 or self.man_bits < 0:
             raise ValueError(f"not an 8-bit code format: {self}")
+        if self.squared and self.signed:
+            raise ValueError("a squared format stores a square root: it is unsigned")
 
     @property
     def name(self) -> str:
-        return f"{'' if self.signed else 'u'}e{self.exp_bits}m{self.man_bits}"
+        return f"{'sqrt-' if self.squared else ''}{'' if self.signed else 'u'}e{self.exp_bits}m{self.man_bits}"
 
     @property
     def max_magnitude_code(self) -> int:
@@ -152,14 +166,17 @@ class CodeFormat:
 
     @property
     def min_exponent_field(self) -> int:
-        """``B_min``: the smallest block exponent field with every code a normal float32."""
+        """``B_min``: the smallest block exponent field with every code a normal float32
+        (squared formats: with every code's square one)."""
         top = 1 << self.exp_bits
+        if self.squared:
+            return top + 63
         return top + self.man_bits - 1 if self.signed else top
 
 
 FORMATS = {
     "exp_avg": CodeFormat(signed=True, exp_bits=4, man_bits=3),
-    "exp_avg_sq": CodeFormat(signed=False, exp_bits=4, man_bits=4),
+    "exp_avg_sq": CodeFormat(signed=False, exp_bits=4, man_bits=4, squared=True),
 }
 
 
@@ -203,7 +220,7 @@ def state_bytes(precision: str, numel: int, full_itemsize: int = 4, min_8bit_siz
     return 2 * numel * (2 if fmt == "bf16" else full_itemsize)
 
 
-def state_key(seed: Key, step: Key, moment: str) -> Key:
+def state_key(seed: _I, step: _I, moment: str) -> _I:
     """The key of one moment's rounding at one step (``step``: the count before the step;
     ints or 0-d int64 tensors, as ``_random.step_key``)."""
     return step_key(seed, step, _STREAMS[moment])
@@ -297,11 +314,11 @@ def quantize(
     fmt: Optional[CodeFormat] = None,
 ) -> QuantizedMoment:
     """Encode float32 ``x`` (any shape, as its flat view) as ``moment`` (``"exp_avg"`` or
-    ``"exp_avg_sq"``) in 8 bits: stochastic rounding with ``key`` (:func:`state_key`), or
-    nearest when ``key`` is None. ``offset``: the flat index of ``x``'s first element in the
-    tensor (random words only; blocks start at ``x``'s first element). ``out``: write into
-    an existing :class:`QuantizedMoment` of the right size. ``fmt`` overrides the moment's
-    format (for experiments; the optimizer uses :data:`FORMATS`).
+    ``"exp_avg_sq"``; the latter stores ``sqrt(x)``) in 8 bits: stochastic rounding with
+    ``key`` (:func:`state_key`), or nearest when ``key`` is None. ``offset``: the flat index
+    of ``x``'s first element in the tensor (random words only; blocks start at ``x``'s first
+    element). ``out``: write into an existing :class:`QuantizedMoment` of the right size.
+    ``fmt`` overrides the moment's format (experiments; the optimizer uses :data:`FORMATS`).
 
     No host synchronisation (``key`` may be a 0-d int64 device tensor); temporaries are
     bounded by batches of ``2**20`` elements."""
@@ -316,7 +333,7 @@ def quantize(
     step = _BATCH_BLOCKS * BLOCK_SIZE
     for begin in range(0, n, step):
         end = min(n, begin + step)
-        chunk = flat[begin:end]
+        chunk = flat[begin:end].sqrt() if code_format.squared else flat[begin:end]
         scales = block_scales(chunk, code_format)
         per_element = _element_scales(scales, end - begin)
         bits = None if key is None else element_bits(key, offset + begin, end - begin, x.device)
@@ -328,10 +345,20 @@ def quantize(
 
 
 def dequantize(
-    q: QuantizedMoment, moment: str, *, out: Optional[Tensor] = None, fmt: Optional[CodeFormat] = None
+    q: QuantizedMoment,
+    moment: str,
+    *,
+    out: Optional[Tensor] = None,
+    root: bool = False,
+    fmt: Optional[CodeFormat] = None,
 ) -> Tensor:
-    """The float32 values of ``q`` (flat; into ``out`` if given, any shape of that size)."""
+    """The float32 values of ``q`` (flat; into ``out`` if given, any contiguous shape of
+    that size). ``root``: for a squared format (``exp_avg_sq``), the stored square roots
+    (what ADOPT divides by) rather than their squares."""
     code_format = FORMATS[moment] if fmt is None else fmt
+    if root and not code_format.squared:
+        raise ValueError(f"{code_format.name} does not store square roots")
+    square = code_format.squared and not root
     n = q.numel
     result = torch.empty(n, dtype=torch.float32, device=q.codes.device) if out is None else out
     flat = result.view(-1)
@@ -339,7 +366,8 @@ def dequantize(
     for begin in range(0, n, step):
         end = min(n, begin + step)
         scales = q.scales[begin // BLOCK_SIZE : -(-end // BLOCK_SIZE)]
-        flat[begin:end] = decode(q.codes[begin:end], _element_scales(scales, end - begin), code_format)
+        values = decode(q.codes[begin:end], _element_scales(scales, end - begin), code_format)
+        flat[begin:end] = values * values if square else values
     return result
 
 
