@@ -7,15 +7,18 @@ Two experiments, both with the reference encoders of ``adopt/_state_formats.py``
   float32, encoded again each step); halfway the gradient scale changes. Reported: the mean
   over elements of ``log(sqrt(v_stored) / sqrt(v_exact))`` (``v_exact`` an float64 EMA of the
   same g**2) after the change, its worst value over those steps, and its spread.
-* ``training``: an MLP trained with ADOPT (float32 arithmetic) whose m and v are stored in
+* ``momentum``: the same for m, an EMA (beta1 0.9) of a consistent signal plus noise: the
+  relative bias of the stored m along the signal.
+* ``regression``, ``classification``: an MLP trained with ADOPT (float32 arithmetic) whose m and v are stored in
   the candidate formats; final training loss per seed, against full-precision state.
 
-Run: ``PYTHONPATH=src python3 benchmarks/state_precision.py [tracking|regression|classification]``.
+Run: ``PYTHONPATH=src python3 benchmarks/state_precision.py [tracking|momentum|regression|classification]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -117,6 +120,38 @@ def tracking_table() -> None:
         print(f"{storage.label:14s} " + "".join(f"  {a:+.3f} / {w:+.3f}     " for a, w in zip(r.mean(dim=1).tolist(), worst.tolist())), flush=True)
 
 
+def simulate_momentum(storage: Storage, noise: float, *, steps: int = 300, elements: int = 4096, seed: int = 0) -> tuple[float, float]:
+    """m = EMA (beta1 0.9) of n = c_i + noise * |c_i| * N(0, 1), ``c_i`` of log-uniform
+    magnitude over 100x and random sign, stored each step: the mean over elements and the
+    last 100 steps of ``sign(c_i) * (m_stored - m_exact) / |c_i|``, the relative bias along
+    the consistent direction (``m_exact`` in float64), and the RMS error relative to the RMS
+    of m."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 100 ** -torch.rand(elements, generator=gen) * torch.where(torch.rand(elements, generator=gen) < 0.5, -1.0, 1.0)
+    m = torch.zeros(elements)
+    exact = torch.zeros(elements, dtype=torch.float64)
+    bias, err, size = [], [], []
+    for step in range(1, steps + 1):
+        n = c + noise * c.abs() * torch.randn(elements, generator=gen)
+        m = storage.store(m + 0.1 * (n - m), "exp_avg", sf.state_key(param_seed(seed), step, "exp_avg"))
+        exact = exact + 0.1 * (n.double() - exact)
+        if step > steps - 100:
+            bias.append(((m.double() - exact) * c.sign() / c.abs()).mean())
+            err.append((m.double() - exact).square().mean())
+            size.append(exact.square().mean())
+    return float(torch.stack(bias).mean()), math.sqrt(float(torch.stack(err).mean() / torch.stack(size).mean()))
+
+
+def momentum_table() -> None:
+    """Print the momentum experiment for the candidate m storages."""
+    candidates = [Storage("8bit", f, sr) for f in (E4M3, E3M4) for sr in (True, False)]
+    candidates += [Storage("bf16", None, sr) for sr in (True, False)]
+    print("m storage      relative bias along c / relative RMS error:  noise 0, 1, 10")
+    for storage in candidates:
+        cells = (simulate_momentum(storage, z) for z in (0.0, 1.0, 10.0))
+        print(f"{storage.label:14s} " + "".join(f"   {b:+.4f} / {e:.4f}" for b, e in cells), flush=True)
+
+
 class _MLP(torch.nn.Module):
     def __init__(self, sizes: tuple[int, ...]) -> None:
         super().__init__()
@@ -212,12 +247,14 @@ def training_table(task: str, steps: int, seeds: int = 3) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("experiment", nargs="?", choices=("tracking", "regression", "classification", "all"), default="all")
+    parser.add_argument("experiment", nargs="?", choices=("tracking", "momentum", "regression", "classification", "all"), default="all")
     parser.add_argument("--steps", type=int, default=1500, help="training steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.experiment in ("tracking", "all"):
         tracking_table()
+    if args.experiment in ("momentum", "all"):
+        momentum_table()
     for task in ("regression", "classification"):
         if args.experiment in (task, "all"):
             training_table(task, args.steps)

@@ -21,7 +21,7 @@ FORMATS = [
     sf.FORMATS["exp_avg_sq"],
     sf.CodeFormat(False, 4, 4),
     sf.CodeFormat(False, 5, 3),
-    sf.CodeFormat(True, 3, 4),
+    sf.CodeFormat(True, 4, 3),
 ]
 MOMENT = {True: "exp_avg", False: "exp_avg_sq"}
 
@@ -77,7 +77,7 @@ def test_code_values(fmt: sf.CodeFormat) -> None:
 
 
 def test_hand_computed_codes() -> None:
-    m, v = sf.FORMATS["exp_avg"], sf.CodeFormat(False, 4, 4)
+    m, v, m34 = sf.CodeFormat(True, 4, 3), sf.CodeFormat(False, 4, 4), sf.FORMATS["exp_avg"]
     b = torch.tensor(127)  # scale 1
     def enc(x: float, fmt: sf.CodeFormat, r: "int | None" = None) -> int:
         bits = None if r is None else torch.tensor([r])
@@ -87,6 +87,8 @@ def test_hand_computed_codes() -> None:
     assert enc(2.0**-17, m) == 1 and enc(2.0**-18, m) == 1  # subnormal step; a tie rounds away
     assert enc(2.0**-18, m, r=0) == 0 and enc(2.0**-18, m, r=2**31 - 1) == 0 and enc(2.0**-18, m, r=2**31) == 1
     assert enc(-0.0, m) == 0x80 and enc(1e-30, m) == 0 and enc(3.0, m) == 127
+    assert enc(1.0, m34) == 7 << 4 and enc(-1.0625, m34) == 0x80 | (7 << 4 | 1) and enc(2.0**-10, m34) == 1
+    assert enc(2.0**-6, m34) == 1 << 4 and enc(2.0**-6 * 15 / 16, m34) == 15 and enc(2.0**-7, m34) == 8 and enc(1.99, m34) == 127
     assert enc(1.0, v) == 15 << 4 and enc(1.03125, v) == (15 << 4) + 1  # tie away from zero
     assert enc(1.03125, v, r=(1 << 31) - 1) == 15 << 4
     assert enc(0.0, v) == 0 and enc(1e-30, v) == 0 and enc(2.0**-15, v) == 0 and enc(2.0**-15 * 1.0625, v) == 1

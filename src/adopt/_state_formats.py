@@ -34,7 +34,7 @@ signed: a sign bit, then ``E + M = 7`` magnitude bits), biased so that its large
 * signed: the same for ``e >= 1``; ``e == 0`` is a subnormal range,
   ``value(q) = f * 2**(2 - 2**E - M)`` (``q == 0`` is zero); bit 7 is the sign.
 
-m is signed E4M3 of ``m``. v is unsigned E4M4 of ``u = sqrt(v)`` (float32 square root,
+m is signed E3M4 of ``m``. v is unsigned E4M4 of ``u = sqrt(v)`` (float32 square root,
 correctly rounded: C ``sqrtf``, Triton ``sqrt_rn``), a *squared* format: it decodes to
 ``u`` (ADOPT's denominator, with no square root to take) and ``v = u * u``, exact (``u`` has
 5 significant bits). ``docs/state-precision.md`` has the measurements behind the choice.
@@ -175,7 +175,7 @@ class CodeFormat:
 
 
 FORMATS = {
-    "exp_avg": CodeFormat(signed=True, exp_bits=4, man_bits=3),
+    "exp_avg": CodeFormat(signed=True, exp_bits=3, man_bits=4),
     "exp_avg_sq": CodeFormat(signed=False, exp_bits=4, man_bits=4, squared=True),
 }
 
