@@ -156,6 +156,22 @@ def test_relative_error_bound_per_code(fmt: sf.CodeFormat) -> None:
     assert ((got - y).abs() <= 2.0 ** -(fmt.man_bits + 1) * y.abs())[inside].all()
 
 
+@pytest.mark.parametrize("moment", sf.MOMENTS)
+def test_a_maximum_above_the_top_code_can_round_up(moment: str) -> None:
+    """A block maximum between the top code and the next power of two gets the next power of
+    two as its scale, so that it rounds up to it (else a growing maximum would stick)."""
+    fmt = sf.FORMATS[moment]
+    step = 2.0**-fmt.man_bits
+    y = 2 - step / 2  # half way between the top code (2 - step) and 2
+    x = torch.full((256 * 64,), y * y if fmt.squared else y)
+    q = sf.quantize(x, moment, sf.state_key(3, 5, moment))
+    assert (q.scales == 2.0).all()
+    got = sf.dequantize(q, moment, root=fmt.squared).double()
+    assert set(got.unique().tolist()) == {2 - step, 2.0}
+    assert abs(got.mean().item() - y) < 5 * (step / 2) / math.sqrt(x.numel())
+    assert (sf.dequantize(sf.quantize(x, moment), moment, root=fmt.squared) == 2.0).all()  # nearest: tie away
+
+
 # --- zero, tiny, non-finite, partial blocks, shapes ---------------------------------------
 
 

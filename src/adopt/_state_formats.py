@@ -253,10 +253,10 @@ def scale_exponent(scales: Tensor) -> Tensor:
 
 
 def encode(x: Tensor, field: Tensor, bits: Optional[Tensor], fmt: CodeFormat) -> Tensor:
-    """The code (int64 in ``[0, 256)``) of each float32 ``x`` in a block of exponent field
-    ``field`` (int64, broadcast against ``x``; a valid scale's, ``>= B_min``) with random
-    words ``bits`` (int64 in ``[0, 2**32)``; None: nearest). Element-wise, for testing a
-    kernel's encoder against this rule."""
+    """The code (int64 in ``[0, 256)``) of each float32 ``x`` (the stored quantity: for a
+    squared format the square root) in a block of exponent field ``field`` (int64, broadcast
+    against ``x``; a valid scale's, ``>= B_min``) with random words ``bits`` (int64 in
+    ``[0, 2**32)``; None: nearest). Element-wise, for testing a kernel's encoder."""
     xi = _float_bits(x)
     mag = xi & 0x7FFFFFFF
     r = torch.full_like(xi, _HALF) if bits is None else bits
