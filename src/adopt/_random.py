@@ -38,6 +38,8 @@ from torch import Tensor
 
 __all__ = [
     "STREAM_PARAM",
+    "STREAM_EXP_AVG_SQ",
+    "STREAM_EXP_AVG",
     "mix32",
     "param_seed",
     "step_key",
@@ -51,9 +53,12 @@ MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
 _M1, _M2 = 0x7FEB352D, 0x846CA68B
 
-# What a key rounds: the parameter (stochastic_rounding=True); the low-precision state
-# formats use their own streams.
+# What a key rounds: the parameter (stochastic_rounding=True), and the second and first
+# moment when stored in a low-precision state format (state_precision "bf16" or "8bit").
+# Separate streams keep the three roundings of one element independent.
 STREAM_PARAM = 0
+STREAM_EXP_AVG_SQ = 1
+STREAM_EXP_AVG = 2
 
 # Parameter dtypes that stochastic rounding applies to (complex32 as its float16 real view).
 SR_DTYPES = (torch.bfloat16, torch.float16)
