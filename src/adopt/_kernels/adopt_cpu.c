@@ -183,6 +183,11 @@ typedef struct {
             v[i] = STORE(gi * gi);                                                                \
         }                                                                                         \
     }                                                                                             \
+    /* g' of an element whose parameter is p: unscaled, signed, with L2 decay when l2_on. */    \
+    ADOPT_INLINE C grad_##SUF(const T g, const C p, const coef_##C *k, const int l2_on) {          \
+        const C gi = LOAD(g) * k->gscale;                                                         \
+        return l2_on ? gi + k->l2 * p : gi;                                                       \
+    }                                                                                             \
     /* The normalised, clipped gradient of g' over v. */                                         \
     ADOPT_INLINE C normalised_##SUF(const C gi, const C vi, const coef_##C *k, const C clip) {    \
         C d = SQRT(vi);                                                                           \
@@ -203,14 +208,12 @@ typedef struct {
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
                                     const int l2_on, const int sr_on, const int nesterov,        \
                                     const uint32_t key, const uint32_t base) {                    \
-        const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \
-        const C b2 = k->b2, b2c = k->b2c;                                                         \
+        const C decay = k->decay, lr = k->lr, b1c = k->b1c, b2 = k->b2, b2c = k->b2c;             \
         uint32_t index_g = base * ADOPT_GOLDEN;                                                   \
         _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")                                        \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
-            C gi = LOAD(g[i]) * gs;                                                               \
-            if (l2_on) gi = gi + l2 * pi;                                                         \
+            const C gi = grad_##SUF(g[i], pi, k, l2_on);                                          \
             const C vi = LOAD(v[i]);                                                              \
             const C u = normalised_##SUF(gi, vi, k, clip);                                        \
             C mi = LOAD(m[i]);                                                                    \
@@ -255,14 +258,12 @@ typedef struct {
                                    T *restrict v, int64_t n, const coef_##C *k, const C clip,    \
                                    const C w, const int l2_on, const int sr_on,                   \
                                    const int nesterov, const uint32_t key, const uint32_t base) { \
-        const C gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c;           \
-        const C b2 = k->b2, b2c = k->b2c;                                                         \
+        const C decay = k->decay, lr = k->lr, b1c = k->b1c, b2 = k->b2, b2c = k->b2c;             \
         uint32_t index_g = base * ADOPT_GOLDEN;                                                   \
         _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")                                        \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
-            const C gl = LOAD(g[i]) * gs;                                                         \
-            const C gi = l2_on ? gl + l2 * pi : gl;                                               \
+            const C gi = grad_##SUF(g[i], pi, k, l2_on);                                          \
             const C mu = LOAD(m[i]);                                                              \
             C up = mu;                                                                            \
             if (nesterov) {                                                                       \
