@@ -213,14 +213,19 @@ class ADOPT(Optimizer):
         State dicts of other ADOPT implementations (timm's ``Adopt``, pytorch_optimizer's
         ``ADOPT``) are translated first, and a setting missing from a saved group takes the
         value this optimizer was constructed with (see ``adopt._checkpoint`` and
-        docs/api.md); a saved setting ADOPT cannot honour is a ValueError naming it. State
+        docs/api.md); a saved setting ADOPT cannot honour is a ValueError naming it.
+        ``state_precision`` and ``min_8bit_size`` stay as this optimizer has them: the loaded
+        moments are converted to its storage (docs/state-precision.md). State
         saved for another model is reported here, naming the parameter, rather than by a
         later ``step()`` that could fail halfway through the param groups. On error the
         optimizer keeps the state it had.
         """
         translated, clip = translate_state_dict(state_dict, self.param_groups, frozenset(self.defaults))
         previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
+        storage = [(g["state_precision"], g["min_8bit_size"]) for g in self.param_groups]
         super().load_state_dict(translated)
+        for group, (precision, min_size) in zip(self.param_groups, storage):
+            group["state_precision"], group["min_8bit_size"] = precision, min_size
         try:
             for g_idx, group in enumerate(self.param_groups):
                 _validate_options(group, f"loaded state_dict, param_groups[{g_idx}]: ")
