@@ -346,11 +346,15 @@ def test_corrupt_or_mismatched_8bit_state_is_refused_naming_the_parameter(corrup
 
 
 @pytest.mark.parametrize("precision", LOW)
-def test_fused_request_without_the_low_precision_kernel_warns_and_matches_foreach(precision: str) -> None:
-    """Until the fused kernels take low-precision state everywhere, fused=True says so and
-    runs the foreach rule (same bits)."""
+def test_fused_request_without_the_low_precision_kernel_warns_and_matches_foreach(
+    precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the fused kernel for low-precision state is missing, fused=True says so and runs
+    the foreach rule (same bits)."""
+    from adopt import _fused
     from adopt._state_path import fused_state_available
 
+    monkeypatch.setattr(_fused, "_fallback_warned", False)
     if fused_state_available([torch.zeros(1)]):
         pytest.skip("the fused CPU kernel takes low-precision state")
     init, rows = _problem(4)
