@@ -30,7 +30,8 @@ from ._fused import _cpu_kernel, _warn_fallback_once, fused_cuda_available
 from ._single_tensor import single_tensor_adopt
 from .schedules import ClipSchedule, PowerClip, device_thresholds
 
-__all__ = ["state_adopt", "check_state_tensors", "LOW_PRECISION_FORMATS", "STATE_PARAM_DTYPES"]
+__all__ = ["state_adopt", "check_state_tensors", "scale_blocks", "local_shard", "LOW_PRECISION_FORMATS",
+           "STATE_PARAM_DTYPES"]
 
 LOW_PRECISION_FORMATS = ("bf16", "8bit")
 # Parameter dtypes whose moments can be stored in low precision (the arithmetic is float32).
@@ -41,6 +42,56 @@ STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DECODE_BUDGET = 1 << 22
 
 _Key = Union[int, Tensor]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if type(t) in (Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_rows(p: Tensor) -> Optional[int]:
+    """For a DTensor sharded along dim 0 over a 1-D mesh (FSDP2's layout), the number of rows
+    of its largest shard; None for a plain tensor. ValueError for any other DTensor layout."""
+    if not _is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements = p.placements  # type: ignore[attr-defined]
+    if p.device_mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):  # type: ignore[attr-defined]
+        raise ValueError(
+            "low-precision state of a DTensor needs it sharded along dim 0 over a 1-D mesh (FSDP2's layout), "
+            f"got placements {placements}"
+        )
+    world = p.device_mesh.size()  # type: ignore[attr-defined]
+    return -(-p.shape[0] // world) if p.dim() else 1
+
+
+def scale_blocks(p: Tensor) -> int:
+    """The length of one moment's scale tensor for ``p``: one per block of its elements; for
+    an FSDP2 DTensor, each rank's shard has as many as the largest shard needs (the global
+    length is that times the world size, so it shards evenly), the first
+    ``ceil(local numel / 256)`` of them in use."""
+    rows = shard_rows(p)
+    if rows is None:
+        return -(-p.numel() // formats.BLOCK_SIZE)
+    row_numel = p[0].numel() if p.dim() else 1
+    return p.device_mesh.size() * -(-(rows * row_numel) // formats.BLOCK_SIZE)  # type: ignore[attr-defined]
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the tensor itself, not an autograd view), else ``t``."""
+    if not _is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()  # type: ignore[attr-defined, no-any-return]
+
+
+def _used_scales(scales: Tensor, shard: Tensor) -> Tensor:
+    """The part of a local scale tensor that the local shard's blocks use."""
+    return scales[: -(-shard.numel() // formats.BLOCK_SIZE)]
 
 
 def check_state_tensors(
@@ -85,7 +136,7 @@ def check_state_tensors(
             raise RuntimeError(f"ADOPT: {where(i)} is {_describe(p)}, but its grad is {_describe(g)}")
         entries = [("exp_avg", exp_avgs[i], code_dtype, p.shape), ("exp_avg_sq", exp_avg_sqs[i], code_dtype, p.shape)]
         if fmt == "8bit":
-            blocks = (-(-p.numel() // formats.BLOCK_SIZE),)
+            blocks = (scale_blocks(p),)
             entries += [("exp_avg scales", exp_avg_scales[i], torch.float32, blocks),  # type: ignore[index]
                         ("exp_avg_sq scales", exp_avg_sq_scales[i], torch.float32, blocks)]  # type: ignore[index]
         for key, t, dtype, shape in entries:
@@ -145,6 +196,13 @@ def state_adopt(
                         seeds, fmt)
     if not params:
         return
+    if any(map(_is_dtensor, params)):
+        # FSDP2: every rank encodes its own shard as a tensor of its own (local element index).
+        params, grads, exp_avgs, exp_avg_sqs = ([local_shard(t) for t in ts] for ts in (params, grads, exp_avgs,
+                                                                                          exp_avg_sqs))
+        if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+            exp_avg_scales = [_used_scales(local_shard(t), p) for t, p in zip(exp_avg_scales, params)]
+            exp_avg_sq_scales = [_used_scales(local_shard(t), p) for t, p in zip(exp_avg_sq_scales, params)]
     hyper = dict(beta1=beta1, beta2=beta2, lr=lr, clip_lambda=clip_lambda, weight_decay=weight_decay,
                  decouple=decouple, eps=eps, maximize=maximize, capturable=capturable, nesterov=nesterov,
                  caution=caution, lr_max=lr_max)
