@@ -370,3 +370,36 @@ def test_defaults_are_unchanged_bit_for_bit() -> None:
     b, _ = _run(init, rows, lr=0.01, state_precision="full", min_8bit_size=0)
     assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(a, b))
     assert not math.isnan(float(a[0].detach().sum()))
+
+
+@pytest.mark.filterwarnings("ignore::adopt._fused.FusedFallbackWarning")  # where the C kernel is not built
+@pytest.mark.parametrize("precision", LOW)
+def test_found_inf_leaves_low_precision_state_untouched(precision: str) -> None:
+    """fused=True takes AMP's grad_scale/found_inf: an inf skip changes no code, scale,
+    parameter or step; a finite step unscales the gradients first."""
+    init, rows = _problem(3, seed=6)
+    params, opt = _run(init, rows[:2], lr=0.01, state_precision=precision, min_8bit_size=0, fused=True)
+    before = [[t.clone() for t in _stored(opt, p)] + [opt.state[p]["step"].clone(), p.detach().clone()]
+              for p in params if p in opt.state]
+    for p, g in zip(params, rows[2]):
+        p.grad = None if g is None else g * 1024
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    opt.step()
+    after = [[t.clone() for t in _stored(opt, p)] + [opt.state[p]["step"].clone(), p.detach().clone()]
+             for p in params if p in opt.state]
+    assert all(torch.equal(a, b) for xs, ys in zip(before, after) for a, b in zip(xs, ys))
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    reference, _ = _run(init, rows, lr=0.01, state_precision=precision, min_8bit_size=0, fused=True)
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", LOW)
+def test_float16_parameters_with_stochastic_rounding(precision: str) -> None:
+    init, rows = _problem(6, seed=7, dtype=torch.float16)
+    runs = [_run(init, rows, lr=0.01, state_precision=precision, min_8bit_size=0, stochastic_rounding=True, **kw)
+            for kw in TORCH_PATHS.values()]
+    for params, _ in runs[1:]:
+        assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(runs[0][0], params))
+    assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in runs[0][0])
