@@ -379,15 +379,17 @@ def test_found_inf_leaves_low_precision_state_untouched(precision: str) -> None:
     parameter or step; a finite step unscales the gradients first."""
     init, rows = _problem(3, seed=6)
     params, opt = _run(init, rows[:2], lr=0.01, state_precision=precision, min_8bit_size=0, fused=True)
-    before = [[t.clone() for t in _stored(opt, p)] + [opt.state[p]["step"].clone(), p.detach().clone()]
-              for p in params if p in opt.state]
+    def snapshot(p: torch.Tensor) -> list[torch.Tensor]:
+        return [t.clone() for t in _stored(opt, p)] + [opt.state[p]["step"].clone(), p.detach().clone()]
+
+    before = {i: snapshot(p) for i, p in enumerate(params) if p in opt.state}
     for p, g in zip(params, rows[2]):
         p.grad = None if g is None else g * 1024
     opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
     opt.step()
-    after = [[t.clone() for t in _stored(opt, p)] + [opt.state[p]["step"].clone(), p.detach().clone()]
-             for p in params if p in opt.state]
-    assert all(torch.equal(a, b) for xs, ys in zip(before, after) for a, b in zip(xs, ys))
+    assert len(before) == 3  # the fourth joins at this step (its zero state is created, as in torch)
+    for i, saved in before.items():
+        assert all(torch.equal(a, b) for a, b in zip(saved, snapshot(params[i]), strict=True))
     opt.found_inf = torch.tensor(0.0)
     opt.step()
     reference, _ = _run(init, rows, lr=0.01, state_precision=precision, min_8bit_size=0, fused=True)
