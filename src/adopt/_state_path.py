@@ -6,7 +6,7 @@ Per tensor, with ``s`` its step count before the step and ``seed`` its ``state["
 1. decode the stored moments to float32 ``m`` and ``v`` (8-bit ``v`` is ``u * u``, exact, so
    the full-precision rule's ``sqrt(v)`` gives back the stored ``u``);
 2. apply the full-precision rule of :mod:`adopt._single_tensor` to the parameter, its
-   gradient and these float32 moments (every option included);
+   gradient in float32 and these float32 moments (every option included);
 3. encode both moments again with stochastic rounding, keys
    ``state_key(seed, s, "exp_avg")`` and ``state_key(seed, s, "exp_avg_sq")``; every step
    re-encodes both (at ``s == 0``, where ``m`` is unchanged, that gives back its codes).
@@ -227,7 +227,9 @@ def state_adopt(
     for chunk in _chunks(params, 1 if path == "single" else _DECODE_BUDGET):
         moments = [_decode(i, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, fmt) for i in chunk]
         inner(
-            [params[i] for i in chunk], [grads[i] for i in chunk], [m for m, _ in moments], [v for _, v in moments],
+            # float32 gradients: the rule runs in float32 (g * g of a float16 gradient would underflow).
+            [params[i] for i in chunk], [grads[i].float() for i in chunk], [m for m, _ in moments],
+            [v for _, v in moments],
             [state_steps[i] for i in chunk], None, None, has_complex=False, differentiable=False,
             seeds=[seeds[i] for i in chunk] if stochastic_rounding else None, **hyper,
         )
