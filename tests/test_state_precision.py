@@ -421,3 +421,56 @@ def test_float16_parameters_with_stochastic_rounding(precision: str) -> None:
     for params, _ in runs[1:]:
         assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(runs[0][0], params))
     assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in runs[0][0])
+
+
+def _code_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many codes apart two 8-bit codes are along the signed number line (bf16: ulps)."""
+    if a.dtype == torch.bfloat16:
+        a, b = a.view(torch.int16).to(torch.int32), b.view(torch.int16).to(torch.int32)
+        a, b = torch.where(a < 0, -(a & 0x7FFF), a), torch.where(b < 0, -(b & 0x7FFF), b)
+        return (a - b).abs()
+    a, b = a.to(torch.int32), b.to(torch.int32)
+    return (torch.where(a >= 128, 128 - a, a) - torch.where(b >= 128, 128 - b, b)).abs()
+
+
+@pytest.mark.parametrize("precision", LOW)
+@pytest.mark.parametrize("options", [{}, dict(nesterov=True, caution=True, weight_decay=0.1, decouple=True),
+                                     dict(stochastic_rounding=True, maximize=True, weight_decay=0.01)])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_step_agrees_with_the_single_tensor_step(precision: str, options: dict,
+                                                           param_dtype: torch.dtype) -> None:
+    """From the same state, one step of the fused C kernel and one of the single-tensor path
+    write the same codes, except where a float32 rounding differs (then one code apart), at
+    every step of a run whose tensors are at different step counts."""
+    from adopt._state_path import fused_state_available
+
+    if not fused_state_available([torch.zeros(1)]):
+        pytest.skip("the fused C kernel for low-precision state is not built here")
+    init, rows = _problem(7, seed=8, dtype=param_dtype)
+    kwargs = dict(lr=0.01, state_precision=precision, min_8bit_size=0, **options)
+    single = [torch.nn.Parameter(p.clone()) for p in init]
+    fused = [torch.nn.Parameter(p.clone()) for p in init]
+    opt_single, opt_fused = ADOPT(single, foreach=False, **kwargs), ADOPT(fused, fused=True, **kwargs)
+    differing = total = 0
+    for row in rows:
+        opt_fused.load_state_dict(_save_load(opt_single.state_dict()))
+        for p, q, g in zip(single, fused, row):
+            with torch.no_grad():
+                q.copy_(p)
+            p.grad = q.grad = None if g is None else g.clone()
+        opt_single.step()
+        opt_fused.step()
+        for p, q in zip(single, fused):
+            if p not in opt_single.state:
+                continue
+            for key in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes"):
+                if key not in opt_single.state[p]:
+                    continue
+                a, b = opt_single.state[p][key], opt_fused.state[q][key]
+                distance = _code_distance(a, b)
+                assert int(distance.max()) <= 1, key
+                differing += int((distance > 0).sum())
+                total += a.numel()
+            if param_dtype == torch.float32:
+                torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+    assert differing <= total // 100, f"{differing} of {total} codes differ"
