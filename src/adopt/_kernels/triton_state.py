@@ -53,7 +53,7 @@ if triton is not None:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    from .triton_adopt import _add, _agree, _grad, _mix32, _round_stochastic, _row_pointer
+    from .triton_adopt import _agree, _grad, _mix32, _round_stochastic, _row_pointer
 
 __all__ = ["triton_available", "launch_state_group", "plan_builds", "clear_plan_cache", "STATE_FORMATS"]
 
@@ -82,11 +82,6 @@ def _format_constants() -> dict:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _imax(a, b):
-        """The combine function of an integer maximum (tl.max is a library jit function)."""
-        return tl.where(a > b, a, b)
 
     @triton.jit
     def _bf16_nearest(x):
@@ -126,7 +121,11 @@ if triton is not None:
         a = bits & 0x7FFFFFFF
         if mask is not None:
             a = tl.where(mask, a, 0)
-        amax = tl.reduce(a, 1, _imax)  # the bits of the largest |y|; NaN bits are the largest
+        # The bits of the largest |y| (NaN bits are the largest). tl.reduce with the library's
+        # combine functions, not tl.max / tl.sum: those are library jit functions that the
+        # interpreter does not run when triton was imported without it; it recognises these
+        # combine functions and reduces with numpy.
+        amax = tl.reduce(a, 1, tl.standard._elementwise_max)
         field = (amax.to(tl.int64) + ((1 << D) - 1)) >> 23
         field = tl.where(field < BMIN, BMIN, tl.where(field > 254, 254, field))
         finite = amax < 0x7F800000
@@ -244,7 +243,7 @@ if triton is not None:
         agree = _agree(u, g)
         if mask is not None:
             agree = agree & mask
-        return tl.reduce(tl.reduce(agree.to(tl.int64), 1, _add), 0, _add)
+        return tl.reduce(tl.reduce(agree.to(tl.int64), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
 
     @triton.jit
     def _later_tile(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, blk, mask, bmask, inv_scale, lr, wd,
