@@ -29,7 +29,9 @@ Design
   round-to-nearest-even on the bits, so the Triton interpreter, which truncates a float32 to
   bfloat16 conversion, gives the GPU's result), or with stochastic rounding (stream 0) when
   ``stochastic_rounding`` is set, as ``triton_adopt`` does it, from the unrounded float32
-  momentum (the full-precision rule for float32 state).
+  momentum (the full-precision rule for float32 state). bfloat16 results are assembled from
+  the bits, so a NaN stays a NaN (quietened, its sign kept) on every backend; NaN payloads
+  and signs are not otherwise specified by the formats.
 
 Run on CPU tensors only under ``TRITON_INTERPRET=1`` (set before ``triton`` is imported).
 """
@@ -84,13 +86,24 @@ def _format_constants() -> dict:
 if triton is not None:
 
     @triton.jit
-    def _bf16_nearest(x):
-        """float32 to bfloat16, round to nearest even on the bits (NaN: 0x7FC0, as torch)."""
-        u = x.to(tl.uint32, bitcast=True)
+    def _bf16_bits(u, h):
+        """The bfloat16 of float32 bits ``u`` given its rounded high half ``h``: a NaN stays a
+        NaN (quietened, sign kept), whatever the backend's float32 to bfloat16 conversion does."""
         nan = (u & 0x7FFFFFFF) > 0x7F800000
-        h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        h = tl.where(nan, 0x7FC0, h)
-        return h.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(nan, (u >> 16) | 0x40, h).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _bf16_nearest(x):
+        """float32 to bfloat16, round to nearest even on the bits."""
+        u = x.to(tl.uint32, bitcast=True)
+        return _bf16_bits(u, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+    @triton.jit
+    def _bf16_stochastic(x, r):
+        """float32 to bfloat16 with the random words ``r``: adopt/_random.py's rule (as
+        triton_adopt._round_stochastic), on the bits."""
+        u = x.to(tl.uint32, bitcast=True)
+        return _bf16_bits(u, (u + (r & 0xFFFF)) >> 16)
 
     @triton.jit
     def _words(offs, key):
@@ -189,14 +202,17 @@ if triton is not None:
             tl.store(v_ptr + offs, codes, mask=mask)
             tl.store(vs_ptr + blk, scale, mask=bmask)
         else:
-            tl.store(m_ptr + offs, _round_stochastic(m, r_m, tl.bfloat16), mask=mask)
-            tl.store(v_ptr + offs, _round_stochastic(v, r_v, tl.bfloat16), mask=mask)
+            tl.store(m_ptr + offs, _bf16_stochastic(m, r_m), mask=mask)
+            tl.store(v_ptr + offs, _bf16_stochastic(v, r_v), mask=mask)
 
     @triton.jit
     def _write_param(p_ptr, offs, mask, p, key_p, ROUNDED: tl.constexpr):
         """Write p back: stochastic rounding under ``key_p``, or to nearest."""
         if ROUNDED:
-            out = _round_stochastic(p, _words(offs, key_p), p_ptr.dtype.element_ty)
+            if p_ptr.dtype.element_ty == tl.bfloat16:
+                out = _bf16_stochastic(p, _words(offs, key_p))
+            else:
+                out = _round_stochastic(p, _words(offs, key_p), p_ptr.dtype.element_ty)
         elif p_ptr.dtype.element_ty == tl.bfloat16:
             out = _bf16_nearest(p)
         else:
