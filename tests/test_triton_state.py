@@ -275,6 +275,8 @@ def test_non_finite_gradients(fmt: str) -> None:
         assert torch.isnan(st.ms[0][:2]).all() and not torch.isnan(st.ms[0][2]).any()
         assert torch.isnan(st.vs[0][:2]).all() and torch.isnan(st.vs[1][1]) and not torch.isnan(st.vs[1][0])
         assert (st.m[0][:512] == 0).all() and (st.v[1][256:] == 0).all()
+    st.grads = [torch.ones_like(g) for g in st.grads]
+    check_step(st, Config(clip=None))  # NaN-scale blocks decode to NaN and stay NaN
 
 
 def test_extreme_magnitudes() -> None:

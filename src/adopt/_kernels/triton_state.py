@@ -72,7 +72,7 @@ _GOLDEN = 0x9E3779B9
 _STREAM_KEYS = {s: (s * _GOLDEN) & 0xFFFFFFFF for s in (0, 1, 2)}  # stream * GOLDEN mod 2**32
 
 
-def _format_constants() -> dict:
+def _format_constants() -> dict[str, Union[int, float]]:
     """The code formats of m and v as kernel constexprs (from _state_formats.FORMATS)."""
     m, v = FORMATS["exp_avg"], FORMATS["exp_avg_sq"]
     assert m.signed and not m.squared and not v.signed and v.squared
@@ -472,7 +472,13 @@ def _check_tensor(name: str, t: object, dtype: torch.dtype, numel: int, device: 
         raise ValueError(f"{name} must be contiguous")
 
 
-def _check_group(fmt: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps) -> None:
+_Tensors = Sequence[Tensor]
+
+
+def _check_group(
+    fmt: str, params: _Tensors, grads: _Tensors, exp_avgs: _Tensors, exp_avg_sqs: _Tensors,
+    exp_avg_scales: Optional[_Tensors], exp_avg_sq_scales: Optional[_Tensors], state_steps: _Tensors,
+) -> None:
     """Validate the group when its plan is built; a cache hit means the same tensors again."""
     device, dtype = params[0].device, params[0].dtype
     state_dtype = torch.uint8 if fmt == "8bit" else torch.bfloat16
@@ -482,7 +488,7 @@ def _check_group(fmt: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
         _check_tensor(f"grads[{i}]", grads[i], dtype, n, device)
         _check_tensor(f"exp_avgs[{i}]", exp_avgs[i], state_dtype, n, device)
         _check_tensor(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], state_dtype, n, device)
-        if fmt == "8bit":
+        if exp_avg_scales is not None and exp_avg_sq_scales is not None:  # fmt "8bit"
             _check_tensor(f"exp_avg_scales[{i}]", exp_avg_scales[i], torch.float32, _blocks(n), device)
             _check_tensor(f"exp_avg_sq_scales[{i}]", exp_avg_sq_scales[i], torch.float32, _blocks(n), device)
         _check_tensor(f"state_steps[{i}]", state_steps[i], torch.float32, 1, device)
@@ -524,7 +530,10 @@ def _build_plan(columns: Tuple[Tuple[int, ...], ...], device: torch.device) -> _
     )
 
 
-def _plan_for(fmt: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps) -> _Plan:
+def _plan_for(
+    fmt: str, params: _Tensors, grads: _Tensors, exp_avgs: _Tensors, exp_avg_sqs: _Tensors,
+    exp_avg_scales: Optional[_Tensors], exp_avg_sq_scales: Optional[_Tensors], state_steps: _Tensors,
+) -> _Plan:
     """The cached plan for these exact tensors, building (and validating) it on a miss."""
     device = params[0].device
     address = Tensor.data_ptr
@@ -534,8 +543,8 @@ def _plan_for(fmt: str, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, ex
         tuple(map(address, grads)),
         tuple(map(address, exp_avgs)),
         tuple(map(address, exp_avg_sqs)),
-        tuple(map(address, exp_avg_scales)) if fmt == "8bit" else none,
-        tuple(map(address, exp_avg_sq_scales)) if fmt == "8bit" else none,
+        none if exp_avg_scales is None else tuple(map(address, exp_avg_scales)),
+        none if exp_avg_sq_scales is None else tuple(map(address, exp_avg_sq_scales)),
         tuple(map(address, state_steps)),
         tuple(map(Tensor.numel, params)),
     )
