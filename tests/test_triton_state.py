@@ -23,6 +23,7 @@ import importlib
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
@@ -276,7 +277,9 @@ def test_non_finite_gradients(fmt: str) -> None:
         assert torch.isnan(st.vs[0][:2]).all() and torch.isnan(st.vs[1][1]) and not torch.isnan(st.vs[1][0])
         assert (st.m[0][:512] == 0).all() and (st.v[1][256:] == 0).all()
     st.grads = [torch.ones_like(g) for g in st.grads]
-    check_step(st, Config(clip=None))  # NaN-scale blocks decode to NaN and stay NaN
+    with warnings.catch_warnings():  # inf - inf in numpy (bf16: the moments are infinite)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        check_step(st, Config(clip=None))  # non-finite blocks stay non-finite (8bit: NaN scales decode to NaN)
 
 
 def test_extreme_magnitudes() -> None:
