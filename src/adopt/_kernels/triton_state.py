@@ -46,6 +46,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .. import _random
 from .._state_formats import BLOCK_SIZE, FORMATS
 from . import triton_adopt
 from .triton_adopt import Clip, triton_available
@@ -68,15 +69,16 @@ _CACHE_CAPACITY = 32
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 _CLIP_NONE, _CLIP_POWER, _CLIP_TENSOR = 0, 1, 2
-_GOLDEN = 0x9E3779B9
-_STREAM_KEYS = {s: (s * _GOLDEN) & 0xFFFFFFFF for s in (0, 1, 2)}  # stream * GOLDEN mod 2**32
 
 
 def _format_constants() -> dict[str, Union[int, float]]:
-    """The code formats of m and v as kernel constexprs (from _state_formats.FORMATS)."""
+    """Kernel constexprs: the code formats of m and v (from _state_formats.FORMATS) and their
+    streams' key terms ``stream * GOLDEN mod 2**32`` (from adopt/_random.py)."""
     m, v = FORMATS["exp_avg"], FORMATS["exp_avg_sq"]
     assert m.signed and not m.squared and not v.signed and v.squared
     return dict(
+        M_STREAM=_random._mul32(_random.STREAM_EXP_AVG, _random.GOLDEN),
+        V_STREAM=_random._mul32(_random.STREAM_EXP_AVG_SQ, _random.GOLDEN),
         M_EXP=m.exp_bits, M_MAN=m.man_bits, M_BMIN=m.min_exponent_field,
         M_SUB=2.0 ** (2 - (1 << m.exp_bits) - m.man_bits),
         V_EXP=v.exp_bits, V_MAN=v.man_bits, V_BMIN=v.min_exponent_field,
@@ -299,7 +301,7 @@ if triton is not None:
         DTYPE: tl.constexpr, MDTYPE: tl.constexpr, FMT: tl.constexpr, ALIGNED: tl.constexpr,
         WD_MODE: tl.constexpr, CLIP_MODE: tl.constexpr, MAXIMIZE: tl.constexpr, NB: tl.constexpr,
         BS: tl.constexpr, ROW: tl.constexpr, ROUNDED: tl.constexpr, NESTEROV: tl.constexpr,
-        CORRECTED: tl.constexpr, PASS: tl.constexpr,
+        CORRECTED: tl.constexpr, PASS: tl.constexpr, M_STREAM: tl.constexpr, V_STREAM: tl.constexpr,
         M_EXP: tl.constexpr, M_MAN: tl.constexpr, M_SUB: tl.constexpr, M_BMIN: tl.constexpr,
         V_EXP: tl.constexpr, V_MAN: tl.constexpr, V_BMIN: tl.constexpr,
     ):
@@ -343,8 +345,8 @@ if triton is not None:
             seed = (tl.load(seeds_ptr + t) & 0xFFFFFFFF).to(tl.uint32)
             s32 = step.to(tl.uint32)
             high = _mix32((start >> 32).to(tl.uint32))
-            key_v = _mix32(_mix32(seed ^ tl.full((), 0x9E3779B9, tl.uint32)) ^ s32) ^ high
-            key_m = _mix32(_mix32(seed ^ tl.full((), 0x3C6EF372, tl.uint32)) ^ s32) ^ high
+            key_v = _mix32(_mix32(seed ^ tl.full((), V_STREAM, tl.uint32)) ^ s32) ^ high
+            key_m = _mix32(_mix32(seed ^ tl.full((), M_STREAM, tl.uint32)) ^ s32) ^ high
 
             if step == 0.0:
                 if PASS != 1:
