@@ -436,3 +436,49 @@ def test_compiles_for_h100() -> None:
         # One step-completion atomic per program (none in a cautious step's counting pass).
         assert info["cubin_bytes"] > 0 and info["atomics"] == (0 if "count" in name else 1), (name, info)
         assert info["fma"] == 0, (name, info)  # every path rounds each operation separately
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "bf16"])
+def test_the_optimizers_cuda_dispatch_launches_this_kernel(fmt: str) -> None:
+    """adopt._state_path's CUDA branch (what ADOPT(fused=True) runs for CUDA tensors), here on
+    CPU tensors under the interpreter: the same step as the single-tensor path, from the same
+    state, to within one code where a float32 rounding differs."""
+    from adopt import _state_path
+    from adopt._random import param_seed
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = [300, 2053]
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    lists = {}
+    for name in ("single", "triton"):
+        state = [{"m": torch.zeros(n, dtype=torch.uint8 if fmt == "8bit" else torch.bfloat16),
+                  "v": torch.zeros(n, dtype=torch.uint8 if fmt == "8bit" else torch.bfloat16),
+                  "ms": torch.zeros(-(-n // 256)), "vs": torch.zeros(-(-n // 256)), "step": torch.zeros(())}
+                 for n in sizes]
+        lists[name] = ([p.clone() for p in params], state)
+    seeds = [torch.tensor(param_seed(i)) for i in range(len(sizes))]
+    hyper = dict(beta1=0.9, beta2=0.999, lr=0.01, clip_lambda=None, weight_decay=0.01, decouple=True,
+                 eps=1e-6, maximize=False, stochastic_rounding=False, nesterov=True, caution=False, lr_max=None)
+    for _ in range(3):
+        grads = [torch.randn(n, generator=gen) for n in sizes]
+        for name, (ps, st) in lists.items():
+            scales = ([s["ms"] for s in st], [s["vs"] for s in st]) if fmt == "8bit" else (None, None)
+            args = (ps, grads, [s["m"] for s in st], [s["v"] for s in st], *scales, [s["step"] for s in st], seeds)
+            if name == "single":
+                _state_path.state_adopt(*args, None, None, fmt=fmt, path="single", capturable=False, **hyper)
+            else:
+                _state_path._launch_cuda([list(a) if a is not None else None for a in args], torch.device("cpu"),
+                                         None, None, fmt=fmt, **hyper)
+        for (a, sa), (b, sb) in zip(zip(*lists["single"]), zip(*lists["triton"])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            for key in ("m", "v"):
+                x, y = sa[key], sb[key]
+                if fmt == "8bit":
+                    x, y = x.to(torch.int32), y.to(torch.int32)
+                    x, y = torch.where(x >= 128, 128 - x, x), torch.where(y >= 128, 128 - y, y)
+                else:
+                    x, y = x.float(), y.float()
+                    assert torch.equal(x, y) or float(((x - y).abs() / y.abs().clamp(min=1e-30)).max()) <= 2.0**-7
+                    continue
+                assert int((x - y).abs().max()) <= 1
+            assert torch.equal(sa["step"], sb["step"])
