@@ -474,3 +474,17 @@ def test_fused_cpu_step_agrees_with_the_single_tensor_step(precision: str, optio
             if param_dtype == torch.float32:
                 torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
     assert differing <= total // 100, f"{differing} of {total} codes differ"
+
+
+def test_pickled_optimizer_keeps_low_precision_state_and_converts_when_switched_to_full() -> None:
+    import pickle
+
+    init, rows = _problem(4, seed=9)
+    params, opt = _run(init, rows[:2], lr=0.01, state_precision="8bit", min_8bit_size=0)
+    model_and_opt = pickle.loads(pickle.dumps((params, opt)))
+    params2, opt2 = model_and_opt
+    opt2.param_groups[0]["state_precision"] = "full"
+    for p, g in zip(params2, rows[2]):
+        p.grad = None if g is None else g.clone()
+    opt2.step()
+    assert {layout.layout_of(st, p) for p, st in opt2.state.items()} == {"full"}

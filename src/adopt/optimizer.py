@@ -197,6 +197,8 @@ class ADOPT(Optimizer):
                 group["lr_max"] = _number(group["lr"])
             for p in group["params"]:
                 p_state = self.state.get(p, {})
+                if p_state and layout.layout_of(p_state, p) != "full":
+                    self._low_precision_seen = True  # full groups then check their layouts
                 step = p_state.get("step")
                 if step is None:
                     continue  # no state (or no step: load_state_dict reports it)
