@@ -19,7 +19,7 @@ do the same in one pass over memory without the copies.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -134,11 +134,13 @@ def check_state_tensors(
         g = grads[i]
         if not isinstance(g, Tensor) or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             raise RuntimeError(f"ADOPT: {where(i)} is {_describe(p)}, but its grad is {_describe(g)}")
-        entries = [("exp_avg", exp_avgs[i], code_dtype, p.shape), ("exp_avg_sq", exp_avg_sqs[i], code_dtype, p.shape)]
+        entries: list[tuple[str, Any, torch.dtype, tuple[int, ...]]] = [
+            ("exp_avg", exp_avgs[i], code_dtype, p.shape), ("exp_avg_sq", exp_avg_sqs[i], code_dtype, p.shape)]
         if fmt == "8bit":
             blocks = (scale_blocks(p),)
-            entries += [("exp_avg scales", exp_avg_scales[i], torch.float32, blocks),  # type: ignore[index]
-                        ("exp_avg_sq scales", exp_avg_sq_scales[i], torch.float32, blocks)]  # type: ignore[index]
+            assert exp_avg_scales is not None and exp_avg_sq_scales is not None
+            entries += [("exp_avg scales", exp_avg_scales[i], torch.float32, blocks),
+                        ("exp_avg_sq scales", exp_avg_sq_scales[i], torch.float32, blocks)]
         for key, t, dtype, shape in entries:
             if (not isinstance(t, Tensor) or t.dtype != dtype or t.shape != shape or t.device != p.device
                     or not t.is_contiguous()):
@@ -203,7 +205,7 @@ def state_adopt(
         if exp_avg_scales is not None and exp_avg_sq_scales is not None:
             exp_avg_scales = [_used_scales(local_shard(t), p) for t, p in zip(exp_avg_scales, params)]
             exp_avg_sq_scales = [_used_scales(local_shard(t), p) for t, p in zip(exp_avg_sq_scales, params)]
-    hyper = dict(beta1=beta1, beta2=beta2, lr=lr, clip_lambda=clip_lambda, weight_decay=weight_decay,
+    hyper: dict[str, Any] = dict(beta1=beta1, beta2=beta2, lr=lr, clip_lambda=clip_lambda, weight_decay=weight_decay,
                  decouple=decouple, eps=eps, maximize=maximize, capturable=capturable, nesterov=nesterov,
                  caution=caution, lr_max=lr_max)
     if path == "fused":
@@ -287,7 +289,7 @@ def _fused(
         if not p.is_cpu:
             by_device.setdefault((p.device, p.dtype), []).append(i)
     if cpu:
-        from ._fused_state import fused_state_cpu
+        from ._fused_state import fused_state_cpu  # type: ignore[import-not-found]
 
         fused_state_cpu(*pick(cpu), grad_scale, found_inf, fmt=fmt, beta1=beta1, beta2=beta2, lr=lr,
                         clip_lambda=clip_lambda, weight_decay=weight_decay, decouple=decouple, eps=eps,
@@ -309,7 +311,7 @@ def _launch_cuda(
     fmt: str,
     clip_lambda: Optional[ClipSchedule],
     lr: Union[float, Tensor],
-    **hyper: object,
+    **hyper: Any,
 ) -> None:
     """One Triton launch sequence for a CUDA device and dtype; nothing synchronises."""
     from ._kernels import triton_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any, Callable, Optional, Union, cast
 
@@ -397,16 +398,19 @@ class ADOPT(Optimizer):
                 exp_avg_sqs.append(state["exp_avg_sq"])
         n_full = sum(1 for p in ordered if wanted[p] == "full")
         n_bf16 = sum(1 for p in ordered if wanted[p] == "bf16")
-        where = lambda i: self._where_param(group, params[i])  # noqa: E731
+        def where(i: int) -> str:
+            return self._where_param(group, params[i])
+
         check_tensors(params[:n_full], grads[:n_full], exp_avgs[:n_full], exp_avg_sqs[:n_full], state_steps[:n_full],
                       name=where)
         for fmt, begin, end in (("bf16", n_full, n_full + n_bf16), ("8bit", n_full + n_bf16, len(params))):
             if begin == end:
                 continue
-            scales = (exp_avg_scales, exp_avg_sq_scales) if fmt == "8bit" else (None, None)
+            eight_bit = fmt == "8bit"
             check_state_tensors(params[begin:end], grads[begin:end], exp_avgs[begin:end], exp_avg_sqs[begin:end],
-                                *scales, state_steps[begin:end], seeds[begin:end], fmt,
-                                name=lambda i, begin=begin: where(begin + i))
+                                exp_avg_scales if eight_bit else None, exp_avg_sq_scales if eight_bit else None,
+                                state_steps[begin:end], seeds[begin:end], fmt,
+                                name=functools.partial(_offset_name, where, begin))
         return any(p.is_complex() for p in params[:n_full]), n_full, n_bf16
 
     def _low_precision_calls(self, group: dict[str, Any]) -> list[tuple[dict[str, Any], str, list[Any], bool]]:
@@ -599,14 +603,20 @@ class ADOPT(Optimizer):
             if path == "fused" and not fused_state_available(params):
                 path = "foreach"
         beta1, beta2 = group["betas"]
+        params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds = lists
         state_adopt(
-            *lists, grad_scale if path == "fused" else None, found_inf if path == "fused" else None,
+            params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds,
+            grad_scale if path == "fused" else None, found_inf if path == "fused" else None,
             fmt=fmt, path=path, beta1=beta1, beta2=beta2, lr=group["lr"], clip_lambda=self.clip_lambda,
             weight_decay=group["weight_decay"], decouple=group["decouple"], eps=group["eps"],
             maximize=group["maximize"], capturable=group["capturable"],
             stochastic_rounding=group["stochastic_rounding"], nesterov=group["nesterov"], caution=group["caution"],
             lr_max=group["lr_max"] if group["corrected_weight_decay"] else None,
         )
+
+
+def _offset_name(name: Callable[[int], str], offset: int, i: int) -> str:
+    return name(offset + i)
 
 
 def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:
