@@ -19,7 +19,7 @@ do the same in one pass over memory without the copies.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -211,7 +211,7 @@ def state_adopt(
     if path == "fused":
         lists = (params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds)
         if fused_state_available(params):
-            _fused(*lists, grad_scale, found_inf, fmt=fmt, stochastic_rounding=stochastic_rounding, **hyper)
+            _fused(lists, grad_scale, found_inf, fmt=fmt, stochastic_rounding=stochastic_rounding, **hyper)
             return
         _warn_fallback_once("fused=True runs the foreach path for low-precision state instead")
         if found_inf is not None and float(found_inf) != 0.0:
@@ -250,35 +250,17 @@ def fused_state_available(params: list[Tensor]) -> bool:
 
 
 def _fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    exp_avg_scales: Optional[list[Tensor]],
-    exp_avg_sq_scales: Optional[list[Tensor]],
-    state_steps: list[Tensor],
-    seeds: list[Tensor],
+    lists: tuple[Optional[list[Tensor]], ...],
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
     *,
-    fmt: str,
-    stochastic_rounding: bool,
-    beta1: float,
-    beta2: float,
-    lr: Union[float, Tensor],
-    clip_lambda: Optional[ClipSchedule],
-    weight_decay: float,
-    decouple: bool,
-    eps: float,
-    maximize: bool,
     capturable: bool,
-    nesterov: bool,
-    caution: bool,
-    lr_max: Optional[float],
+    **hyper: Any,
 ) -> None:
-    """The fused kernels: the CPU tensors in one C call, each CUDA device and dtype in one
-    Triton launch sequence."""
-    lists = [params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds]
+    """The fused kernels on ``lists`` (state_adopt's eight lists): the CPU tensors in one C
+    call, each CUDA device and dtype in one Triton launch sequence (``hyper``: state_adopt's
+    keywords; the kernels keep steps on the device, so ``capturable`` changes nothing)."""
+    params = cast(list[Tensor], lists[0])
 
     def pick(indices: list[int]) -> list[Optional[list[Tensor]]]:
         return [None if ts is None else [ts[i] for i in indices] for ts in lists]
@@ -291,15 +273,9 @@ def _fused(
     if cpu:
         from ._fused_state import fused_state_cpu  # type: ignore[import-not-found]
 
-        fused_state_cpu(*pick(cpu), grad_scale, found_inf, fmt=fmt, beta1=beta1, beta2=beta2, lr=lr,
-                        clip_lambda=clip_lambda, weight_decay=weight_decay, decouple=decouple, eps=eps,
-                        maximize=maximize, stochastic_rounding=stochastic_rounding, nesterov=nesterov,
-                        caution=caution, lr_max=lr_max)
+        fused_state_cpu(*pick(cpu), grad_scale, found_inf, **hyper)
     for (device, _), indices in by_device.items():
-        _launch_cuda(pick(indices), device, grad_scale, found_inf, fmt=fmt, beta1=beta1, beta2=beta2, lr=lr,
-                     clip_lambda=clip_lambda, weight_decay=weight_decay, decouple=decouple, eps=eps,
-                     maximize=maximize, stochastic_rounding=stochastic_rounding, nesterov=nesterov,
-                     caution=caution, lr_max=lr_max)
+        _launch_cuda(pick(indices), device, grad_scale, found_inf, **hyper)
 
 
 def _launch_cuda(
