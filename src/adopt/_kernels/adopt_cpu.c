@@ -710,6 +710,16 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
     const int64_t n = c->n;
     const float ms_old = fmt8 ? *c->m_scale : 0.0f, vs_old = fmt8 ? *c->v_scale : 0.0f;
     float mnew[ADOPT_STATE_BLOCK], unew[ADOPT_STATE_BLOCK];
+    /* 8bit: the codes decoded first, in a loop of their own (with the 8-bit loads in the
+     * main loop GCC picks vectors of 8 bytes for all of it). */
+    float mold[ADOPT_STATE_BLOCK], uold[ADOPT_STATE_BLOCK];
+    if (fmt8) {
+        ADOPT_SIMD
+        for (int64_t j = 0; j < n; j++) {
+            mold[j] = dec_m8(mc[j]) * ms_old;
+            uold[j] = dec_u8(vc[j]) * vs_old;
+        }
+    }
     uint32_t am = 0, au = 0, kept = 0;
     uint32_t index_g = c->index_g;
     _Pragma("omp simd reduction(max : am, au) reduction(+ : kept) linear(index_g : ADOPT_GOLDEN)")
@@ -719,8 +729,8 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
         const float gi = l2_on ? gl + l2 * pi : gl;
         float mi, vi, d;
         if (fmt8) {
-            mi = dec_m8(mc[j]) * ms_old;
-            const float uo = dec_u8(vc[j]) * vs_old;
+            mi = mold[j];
+            const float uo = uold[j];
             vi = uo * uo;
             d = vi == INFINITY ? INFINITY : uo; /* sqrtf(uo * uo), exactly */
         } else {
