@@ -32,6 +32,8 @@ from adopt.schedules import PowerClip
 
 BYTES = {"full": 28.0, "8bit": 16.0 + 8.0 / 256, "bf16": 20.0}
 ROOF_BYTES = 12.0  # in-place add: read a, read b, write a
+CACHED_NUMEL = 65_536  # one tensor whose whole step fits in L2: the steps' compute cost alone
+CACHED_REPEATS = 200
 
 
 def build(numel: int, tensors: int) -> dict[str, Any]:
@@ -79,9 +81,25 @@ def steps(d: dict[str, Any]) -> dict[str, Callable[[], None]]:
                         None, None, fmt="bf16", stochastic_rounding=False, lr_max=None, **HYPER)
 
     def roof() -> None:
-        torch._foreach_add_(d["params"], d["grads"], alpha=0.0)
+        for p, g in zip(d["params"], d["grads"]):
+            p.add_(g)
 
     return {"full": full, "8bit": eight, "bf16": bf16, "roofline_add": roof}
+
+
+def direct_calls(d: dict[str, Any]) -> dict[str, Callable[[], None]]:
+    """The three steps as bare C calls (no Python glue, no validation dry run)."""
+    k = _fused._cpu_kernel()
+    assert k is not None
+    h = (HYPER["lr"], HYPER["beta1"], HYPER["beta2"], 0.0, HYPER["eps"], 0.25, k.CLIP_POWER, False, False, False,
+         False, 0.0)
+    nt = torch.get_num_threads()
+    full = (d["params"], d["grads"], d["full_m"], d["full_v"], d["full_steps"], None, None, None, *h, nt, False, None)
+    eight = (d["params"], d["grads"], d["codes_m"], d["codes_v"], d["scales_m"], d["scales_v"], d["state_steps8"],
+             d["seeds"], None, None, None, k.STATE_8BIT, *h, False, nt, False)
+    bf16 = (d["params"], d["grads"], d["bf_m"], d["bf_v"], None, None, d["state_stepsbf"], d["seeds"], None, None,
+            None, k.STATE_BF16, *h, False, nt, False)
+    return {"full": lambda: k.step(*full), "8bit": lambda: k.step_state(*eight), "bf16": lambda: k.step_state(*bf16)}
 
 
 def main(argv: list[str]) -> int:
@@ -120,6 +138,20 @@ def main(argv: list[str]) -> int:
                 roof = BYTES[k] * n / bandwidth
                 row[f"{k}_roofline_s"] = roof
                 row[f"{k}_over_roofline"] = med[k] / roof
+            # Compute cost: the same steps on one small tensor that stays in cache, calling the
+            # C entries directly (the Python glue's per-call cost would dominate otherwise).
+            small = build(CACHED_NUMEL, 1)
+            cached: dict[str, float] = {}
+            for k, fn in direct_calls(small).items():
+                fn()
+                best = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    for _ in range(CACHED_REPEATS):
+                        fn()
+                    best = min(best, (time.perf_counter() - t0) / CACHED_REPEATS)
+                cached[k] = best / CACHED_NUMEL * 1e9
+            row["cache_resident_ns_per_element"] = cached
             row["speedup_8bit"] = med["full"] / med["8bit"]
             row["speedup_bf16"] = med["full"] / med["bf16"]
             results["threads"][str(threads)] = row
@@ -135,6 +167,9 @@ def main(argv: list[str]) -> int:
             speed = row["median_s"]["full"] / row["median_s"][k]
             print(f"{threads:>7} {k:>6} {ms:9.1f} {gbs:7.1f} {row[f'{k}_roofline_s'] * 1e3:12.1f} "
                   f"{row[f'{k}_over_roofline']:11.2f} {speed:7.2f}x")
+        c = row["cache_resident_ns_per_element"]
+        print(f"{threads:>7} cache-resident compute, ns/element: full {c['full']:.2f}  8bit {c['8bit']:.2f}  "
+              f"bf16 {c['bf16']:.2f}  (streaming full: {row['median_s']['full'] / n * 1e9:.2f})")
         print(f"{threads:>7} {'add_':>6} {row['median_s']['roofline_add'] * 1e3:9.1f} {row['bandwidth_GBps']:7.1f}"
               "  (in-place add, 12 B/elem: the measured bandwidth)")
     with open(args.json, "w") as f:

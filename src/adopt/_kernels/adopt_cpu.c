@@ -693,7 +693,7 @@ typedef struct {
  * agree, 0 elsewhere). A first step (s == 0) sets v = g'^2 and leaves m and p as they are;
  * both moments are encoded again in every case.
  */
-ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int count_only) {
+ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int count_only, const int plain) {
     const float *restrict pin = c->p_in;
     const float *restrict gin = c->g_in;
     float *pout = c->p_out; /* may be p_in itself */
@@ -705,7 +705,10 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
     const float gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c, b2 = k->b2,
                 b2c = k->b2c, eps = k->eps;
     const float clip = c->clip, w = c->w;
-    const int first = c->first, caution = c->caution, nesterov = c->nesterov, l2_on = c->l2_on;
+    /* plain: the common step (no first step, caution, Nesterov or L2 decay) with those selects
+     * compiled out: a quarter fewer instructions in a loop that is compute bound. */
+    const int first = !plain && c->first, caution = !plain && c->caution;
+    const int nesterov = !plain && c->nesterov, l2_on = !plain && c->l2_on;
     const uint32_t mk = c->mk, vk = c->vk;
     const int64_t n = c->n;
     const float ms_old = fmt8 ? *c->m_scale : 0.0f, vs_old = fmt8 ? *c->v_scale : 0.0f;
@@ -787,10 +790,12 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
 }
 
 /* The block workers, each compiled for every instruction set (called once per block). */
-ADOPT_CLONES static uint32_t block_step_8bit(const block_args *c) { return state_block(c, 1, 0); }
-ADOPT_CLONES static uint32_t block_step_bf16(const block_args *c) { return state_block(c, 0, 0); }
-ADOPT_CLONES static uint32_t block_count_8bit(const block_args *c) { return state_block(c, 1, 1); }
-ADOPT_CLONES static uint32_t block_count_bf16(const block_args *c) { return state_block(c, 0, 1); }
+ADOPT_CLONES static uint32_t block_step_8bit(const block_args *c) { return state_block(c, 1, 0, 0); }
+ADOPT_CLONES static uint32_t block_step_bf16(const block_args *c) { return state_block(c, 0, 0, 0); }
+ADOPT_CLONES static uint32_t block_plain_8bit(const block_args *c) { return state_block(c, 1, 0, 1); }
+ADOPT_CLONES static uint32_t block_plain_bf16(const block_args *c) { return state_block(c, 0, 0, 1); }
+ADOPT_CLONES static uint32_t block_count_8bit(const block_args *c) { return state_block(c, 1, 1, 0); }
+ADOPT_CLONES static uint32_t block_count_bf16(const block_args *c) { return state_block(c, 0, 1, 0); }
 
 /* 16-bit params and grads to float32 and back (nearest, or stochastic with words from
  * index_g ^ key). */
@@ -860,8 +865,11 @@ static int64_t state_blocks(const adopt_state_args *sa, const state_info *ti, in
     c.caution = a->caution != 0;
     c.nesterov = a->nesterov != 0;
     c.l2_on = a->weight_decay != 0.0 && !a->decouple;
+    const int plain = !c.first && !c.caution && !c.nesterov && !c.l2_on;
     uint32_t (*const worker)(const block_args *) =
-        count_only ? (fmt8 ? block_count_8bit : block_count_bf16) : (fmt8 ? block_step_8bit : block_step_bf16);
+        count_only ? (fmt8 ? block_count_8bit : block_count_bf16)
+        : plain    ? (fmt8 ? block_plain_8bit : block_plain_bf16)
+                   : (fmt8 ? block_step_8bit : block_step_bf16);
     int64_t kept = 0;
     for (int64_t blk = b; blk < e; blk++) {
         const int64_t j0 = blk * ADOPT_STATE_BLOCK;
