@@ -118,9 +118,9 @@ def fused_state_cpu(
             raise ValueError("the fused state step needs each state step as a float32 CPU scalar tensor")
         mode, exponent = kernel.CLIP_TABLE, 0.0
         table = torch.tensor(host_thresholds(clip_lambda, counts), dtype=torch.float64)
-    lr_value = float(lr) if isinstance(lr, Tensor) else lr
     if isinstance(lr, Tensor) and not lr.is_cpu:
         raise ValueError("the fused CPU state step takes lr as a float or a CPU tensor")
+    lr_value = float(lr) if isinstance(lr, Tensor) else lr
     scale, inf = _fused._cpu_scalar(grad_scale), _fused._cpu_scalar(found_inf)
     code = kernel.STATE_8BIT if fmt8 else kernel.STATE_BF16
 
