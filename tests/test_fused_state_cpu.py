@@ -399,3 +399,25 @@ def test_storage_and_kernel_entry_safety() -> None:
     st.assert_equal(before)
     kernel.step_state(*base[:-1], True)  # dry run: nothing changes
     st.assert_equal(before)
+
+
+def test_mixed_dtypes_one_call() -> None:
+    """params of several dtypes in one call: one kernel call per dtype, each as the reference."""
+    for fmt in ("8bit", "bf16"):
+        a = State(fmt, torch.float32, [(300,), (20,)], [1, 0], seed=1)
+        b = State(fmt, torch.float16, [(260,)], [2], seed=2)
+        mixed = a.clone()
+        for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "seeds", "m_scales", "v_scales"):
+            ours, theirs = getattr(mixed, key), getattr(b, key)
+            if ours is not None:
+                setattr(mixed, key, [ours[0], theirs[0], ours[1]])
+        ref_a, ref_b = a.clone(), b.clone()
+        kernel_step(mixed, nesterov=True)
+        reference_step(ref_a, nesterov=True)
+        reference_step(ref_b, nesterov=True)
+        expected = ref_a.clone()
+        for key in ("params", "exp_avgs", "exp_avg_sqs", "steps", "m_scales", "v_scales"):
+            ours, theirs = getattr(expected, key), getattr(ref_b, key)
+            if ours is not None:
+                setattr(expected, key, [ours[0], theirs[0], ours[1]])
+        mixed.assert_equal(expected)
