@@ -7,6 +7,11 @@
  *   itself, for ADOPT.step()'s steady state (every parameter with a gradient has state).
  *   It never reports a problem: whenever anything needs the general path (no state yet, a
  *   tensor it cannot take, an error to raise) it declines, having changed nothing;
+ * - step_state() takes the lists of a step whose moments are stored in a low-memory format
+ *   ("bf16" or "8bit" codes and block scales, adopt/_state_formats.py) and raises a
+ *   ValueError / TypeError naming the list and index of the first tensor that is not right;
+ *   codes and bf16 moments must have their param's element count (any shape), scales
+ *   ceil(numel / 256); no tensor the step writes may share memory with any other;
  * - check_lists() tells the general path, at C speed, whether every parameter's gradient
  *   and state match it in shape, dtype and device (on any device);
  * - host_steps() reads float32 CPU step counters.
