@@ -271,9 +271,12 @@ def _fused(
         if not p.is_cpu:
             by_device.setdefault((p.device, p.dtype), []).append(i)
     if cpu:
-        from ._fused_state import fused_state_cpu  # type: ignore[import-not-found]
+        from ._fused_state import fused_state_cpu
 
-        fused_state_cpu(*pick(cpu), grad_scale, found_inf, **hyper)
+        ps, gs, ms, vs, m_scales, v_scales, steps, seeds = pick(cpu)
+        fused_state_cpu(cast(list[Tensor], ps), cast(list[Tensor], gs), cast(list[Tensor], ms),
+                        cast(list[Tensor], vs), m_scales, v_scales, cast(list[Tensor], steps),
+                        cast(list[Tensor], seeds), grad_scale, found_inf, **hyper)
     for (device, _), indices in by_device.items():
         _launch_cuda(pick(indices), device, grad_scale, found_inf, **hyper)
 
