@@ -488,3 +488,28 @@ def test_pickled_optimizer_keeps_low_precision_state_and_converts_when_switched_
         p.grad = None if g is None else g.clone()
     opt2.step()
     assert {layout.layout_of(st, p) for p, st in opt2.state.items()} == {"full"}
+
+
+@pytest.mark.parametrize("path", ["single", "fused"])
+@pytest.mark.parametrize("damage, message", [
+    (lambda st: st.__setitem__("exp_avg_scales", st["exp_avg_scales"][:-1]), "exp_avg scales must be"),
+    (lambda st: st.__setitem__("exp_avg_sq_codes", st["exp_avg_sq_codes"].t()), "exp_avg_sq must be a contiguous"),
+    (lambda st: st.__setitem__("exp_avg_codes", st["exp_avg_codes"].to(torch.int16)), "exp_avg must be a contiguous"),
+    (lambda st: st.__setitem__("seed", st["seed"].float()), "seed of"),
+])
+def test_damaged_8bit_state_fails_the_step_naming_the_parameter(path: str, damage, message: str) -> None:
+    """State changed behind the optimizer's back: the step raises before any tensor of any
+    group changes."""
+    first, second = torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30, 40))
+    opt = ADOPT([{"params": [first]}, {"params": [second]}], state_precision="8bit", min_8bit_size=0,
+                **({"fused": True} if path == "fused" else {"foreach": False}))
+    for _ in range(2):
+        first.grad, second.grad = torch.randn(40, 30), torch.randn(30, 40)
+        opt.step()
+    damage(opt.state[second])
+    before = [first.detach().clone()] + [t.clone() for t in _stored(opt, first)]
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\]") as info:
+        opt.step()
+    assert message in str(info.value)
+    after = [first.detach()] + _stored(opt, first)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -18,7 +18,7 @@ float32 and encoding with round-to-nearest (deterministic; no step is taken).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -60,24 +60,27 @@ def layout_of(state: dict[str, Any], p: Tensor) -> str:
     return "full"
 
 
-def check_param(p: Tensor, fmt: str, where: str) -> None:
-    """ValueError unless a low-precision ``fmt`` can store ``p``'s moments."""
-    if fmt == "full":
+def check_param(p: Tensor, fmt: str, where: Callable[[], str]) -> None:
+    """ValueError (naming ``where()``) unless a low-precision ``fmt`` can store ``p``'s moments."""
+    if fmt == "full" or (type(p) in _PLAIN and p.dtype in STATE_PARAM_DTYPES):
         return
     if p.dtype not in STATE_PARAM_DTYPES:
         raise ValueError(
-            f"state_precision={fmt!r} stores the moments of float32, bfloat16 and float16 parameters; {where} is "
+            f"state_precision={fmt!r} stores the moments of float32, bfloat16 and float16 parameters; {where()} is "
             f"{p.dtype} (give it a param group with state_precision='full')"
         )
     try:
-        shard_rows(p)  # a plain tensor, or a DTensor in FSDP2's layout
+        shard_rows(p)  # a DTensor in FSDP2's layout
     except ValueError as exc:
-        raise ValueError(f"state_precision={fmt!r}: {where}: {exc}") from None
-    if type(p) not in (Tensor, torch.nn.Parameter) and not _is_dtensor(p):
+        raise ValueError(f"state_precision={fmt!r}: {where()}: {exc}") from None
+    if not _is_dtensor(p):
         raise ValueError(
-            f"state_precision={fmt!r} needs plain tensors or FSDP2 DTensors; {where} is a {type(p).__name__} "
+            f"state_precision={fmt!r} needs plain tensors or FSDP2 DTensors; {where()} is a {type(p).__name__} "
             "(use state_precision='full' for it)"
         )
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _is_dtensor(p: Tensor) -> bool:

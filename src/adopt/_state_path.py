@@ -19,6 +19,7 @@ do the same in one pass over memory without the copies.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Optional, Union, cast
 
 import torch
@@ -122,8 +123,11 @@ def check_state_tensors(
         lists += [exp_avg_scales, exp_avg_sq_scales]
     if any(len(ts) != n for ts in lists):
         raise ValueError(f"the tensor lists have different lengths: {[n] + [len(ts) for ts in lists]}")
-    where = name or "params[{}]".format
     code_dtype = torch.uint8 if fmt == "8bit" else torch.bfloat16
+    if _plainly_valid(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds,
+                      code_dtype):
+        return
+    where = name or "params[{}]".format
     for i, p in enumerate(params):
         if not isinstance(p, Tensor) or p.dtype not in STATE_PARAM_DTYPES:
             got = p.dtype if isinstance(p, Tensor) else type(p).__name__
@@ -153,6 +157,53 @@ def check_state_tensors(
             raise RuntimeError(f"ADOPT: the step of {where(i)} must be a one-element tensor")
         if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype != torch.int64:
             raise RuntimeError(f"ADOPT: the seed of {where(i)} must be a one-element int64 tensor")
+
+
+_PLAIN = {Tensor, torch.nn.Parameter}
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+_device = operator.attrgetter("device")
+
+
+def _plainly_valid(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: Optional[list[Tensor]],
+    exp_avg_sq_scales: Optional[list[Tensor]],
+    state_steps: list[Tensor],
+    seeds: list[Tensor],
+    code_dtype: torch.dtype,
+) -> bool:
+    """The common case of :func:`check_state_tensors` in C-level ``map`` calls: plain tensors
+    that pass every check (False: the per-tensor checks then find and word the problem)."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds]
+    if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+        lists += [exp_avg_scales, exp_avg_sq_scales]
+    if not all(set(map(type, ts)) <= _PLAIN for ts in lists):
+        return False
+    if not set(map(_dtype, params)) <= set(STATE_PARAM_DTYPES) or set(map(_dtype, seeds)) - {torch.int64}:
+        return False
+    dtypes, shapes, devices = list(map(_dtype, params)), list(map(_shape, params)), list(map(_device, params))
+    if list(map(_dtype, grads)) != dtypes or list(map(_shape, grads)) != shapes:
+        return False
+    for ts in (grads, exp_avgs, exp_avg_sqs):
+        if list(map(_device, ts)) != devices:
+            return False
+    for ts in (exp_avgs, exp_avg_sqs):
+        if (set(map(_dtype, ts)) - {code_dtype} or list(map(_shape, ts)) != shapes
+                or not all(map(Tensor.is_contiguous, ts))):
+            return False
+    if set(map(Tensor.numel, state_steps)) - {1} or set(map(Tensor.numel, seeds)) - {1}:
+        return False
+    if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+        blocks = [(-(-n // formats.BLOCK_SIZE),) for n in map(Tensor.numel, params)]
+        for scales in (exp_avg_scales, exp_avg_sq_scales):
+            if (set(map(_dtype, scales)) - {torch.float32} or list(map(tuple, map(_shape, scales))) != blocks
+                    or list(map(_device, scales)) != devices or not all(map(Tensor.is_contiguous, scales))):
+                return False
+    return True
 
 
 def _describe(t: object) -> str:
@@ -189,13 +240,15 @@ def state_adopt(
     nesterov: bool = False,
     caution: bool = False,
     lr_max: Optional[float] = None,
+    checked: bool = False,
 ) -> None:
     """One step of tensors whose moments are stored as ``fmt`` (module docstring), on
-    ``path`` ("single", "foreach" or "fused"). The lists must pass :func:`check_state_tensors`.
-    ``stochastic_rounding``: bfloat16/float16 parameters are written back with stochastic
-    rounding (``seeds`` serve both)."""
-    check_state_tensors(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
-                        seeds, fmt)
+    ``path`` ("single", "foreach" or "fused"). The lists must pass :func:`check_state_tensors`
+    (``checked``: the caller has just run it). ``stochastic_rounding``: bfloat16/float16
+    parameters are written back with stochastic rounding (``seeds`` serve both)."""
+    if not checked:
+        check_state_tensors(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
+                            seeds, fmt)
     if not params:
         return
     if any(map(_is_dtensor, params)):

@@ -266,7 +266,7 @@ class ADOPT(Optimizer):
             params = [p for p in group["params"] if self.state.get(p)]
             if group["state_precision"] != "full" or any(layout.layout_of(self.state[p], p) != "full" for p in params):
                 for p in params:
-                    layout.check_param(p, layout.target_format(group, p), self._where_param(group, p))
+                    layout.check_param(p, layout.target_format(group, p), functools.partial(self._where_param, group, p))
                 self._conform(group, params, [self.state[p] for p in params])
 
     def _restore_seed(self, p: Tensor, seed: object, where: str) -> None:
@@ -375,7 +375,7 @@ class ADOPT(Optimizer):
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         wanted = {p: layout.target_format(group, p) for p in with_grad}
         for p in with_grad:
-            layout.check_param(p, wanted[p], self._where_param(group, p))
+            layout.check_param(p, wanted[p], functools.partial(self._where_param, group, p))
         order = {"full": 0, "bf16": 1, "8bit": 2}
         ordered = sorted(with_grad, key=lambda p: order[wanted[p]])  # stable: the group's order within a format
         states: list[Optional[dict[str, Any]]] = [state or None for state in map(self.state.get, ordered)]
@@ -611,7 +611,7 @@ class ADOPT(Optimizer):
             weight_decay=group["weight_decay"], decouple=group["decouple"], eps=group["eps"],
             maximize=group["maximize"], capturable=group["capturable"],
             stochastic_rounding=group["stochastic_rounding"], nesterov=group["nesterov"], caution=group["caution"],
-            lr_max=group["lr_max"] if group["corrected_weight_decay"] else None,
+            lr_max=group["lr_max"] if group["corrected_weight_decay"] else None, checked=True,
         )
 
 
