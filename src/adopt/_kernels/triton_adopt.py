@@ -12,6 +12,8 @@ Design
   upload is one host-to-device copy from pinned memory that the plan keeps alive, so a
   plan first built inside CUDA-graph capture is replayed correctly; plans used during a
   capture are kept for the life of the process, since the graph holds their addresses.
+  (The table, its cache and the launch arguments are ``_triton_common``'s, shared with
+  ``triton_state``; so are this module's jit helpers that ``triton_state`` imports.)
 * **No host sync.** The step counters, a tensor ``lr``, ``grad_scale``, ``found_inf`` and
   per-tensor clip thresholds are all read inside the kernel.
 * **Step counters.** Every program reads its tensor's old step, does its chunk, then (after
@@ -35,9 +37,6 @@ Run on CPU tensors only under ``TRITON_INTERPRET=1`` (set before ``triton`` is i
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -50,9 +49,10 @@ try:
 except ImportError:  # the package works without triton; the dispatcher checks triton_available()
     triton = None  # type: ignore[assignment]
 
-__all__ = ["triton_available", "launch_group", "plan_builds", "clear_plan_cache", "Clip"]
+from . import _triton_common as common
+from ._triton_common import Clip
 
-Clip = Optional[Tuple[str, Union[float, Tensor]]]
+__all__ = ["triton_available", "launch_group", "plan_builds", "clear_plan_cache", "Clip"]
 
 _ROW = 7  # int64 fields per tensor: p, g, m, v, step addresses, numel, number of blocks
 _NUM_WARPS = 8
@@ -60,9 +60,6 @@ _NUM_WARPS = 8
 # fp16/bf16), 4 for fp64; about 80 registers, so three 256-thread programs fit on an SM.
 _BLOCK_ELEMS = {torch.float16: 2048, torch.bfloat16: 2048, torch.float32: 2048, torch.float64: 1024}
 _TAIL_SPLIT = 4  # a partial chunk runs as this many masked sub-chunks, to spare registers
-_CACHE_CAPACITY = 32
-_WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
-_CLIP_NONE, _CLIP_POWER, _CLIP_TENSOR = 0, 1, 2
 
 
 def triton_available() -> bool:
@@ -127,17 +124,24 @@ if triton is not None:
         tl.store(v_ptr + offs, (g * g).to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _normalised(g, v, eps, clip, COMPUTE: tl.constexpr):
-        """clamp(g / max(sqrt(v), eps), -clip, clip), IEEE-rounded."""
-        if COMPUTE == tl.float64:  # float64 sqrt and division are IEEE-rounded already
-            root = tl.sqrt(v)
-            n = g / tl.where(root < eps, eps, root)  # max(sqrt(v), eps), NaN-propagating
-        else:  # IEEE-rounded, not the approximate float32 defaults
-            root = tl.sqrt_rn(v)
+    def _normalised_root(g, root, eps, clip, COMPUTE: tl.constexpr):
+        """clamp(g / max(root, eps), -clip, clip), IEEE-rounded (``root`` the root of v)."""
+        if COMPUTE == tl.float64:  # float64 division is IEEE-rounded already
+            n = g / tl.where(root < eps, eps, root)  # max(root, eps), NaN-propagating
+        else:  # IEEE-rounded, not the approximate float32 default
             n = tl.div_rn(g, tl.where(root < eps, eps, root))
         if clip is not None:
             n = tl.where(n > clip, clip, tl.where(n < -clip, -clip, n))
         return n
+
+    @triton.jit
+    def _normalised(g, v, eps, clip, COMPUTE: tl.constexpr):
+        """clamp(g / max(sqrt(v), eps), -clip, clip), IEEE-rounded."""
+        if COMPUTE == tl.float64:  # float64 sqrt is IEEE-rounded already
+            root = tl.sqrt(v)
+        else:  # IEEE-rounded, not the approximate float32 default
+            root = tl.sqrt_rn(v)
+        return _normalised_root(g, root, eps, clip, COMPUTE)
 
     @triton.jit
     def _store_param(p_ptr, offs, mask, p, key, ROUNDED: tl.constexpr):
@@ -234,6 +238,97 @@ if triton is not None:
         u = u * tl.where(_agree(u, g), weight, 0.0)
         _store_param(p_ptr, offs, mask, p - lr * u, key, ROUNDED)
 
+    # The pieces of a program that both kernels (this one and triton_state's) run alike.
+
+    @triton.jit
+    def _program_row(rows_ptr, blocks_ptr, ROW: tl.constexpr):
+        """This program's (tensor, chunk) pair from the block map, and its tensor's table row."""
+        pid = tl.program_id(0)
+        t = tl.load(blocks_ptr + 2 * pid)
+        chunk = tl.load(blocks_ptr + 2 * pid + 1)
+        return t, chunk, rows_ptr + t.to(tl.int64) * ROW
+
+    @triton.jit
+    def _runs(found_inf_ptr):
+        """Whether the step runs: no ``found_inf``, or a zero one (then nothing is loaded or
+        stored)."""
+        if found_inf_ptr is not None:
+            go = tl.load(found_inf_ptr) == 0
+        else:
+            go = True
+        return go
+
+    @triton.jit
+    def _inv_scale(grad_scale_ptr, COMPUTE: tl.constexpr):
+        """1 / grad_scale in the compute dtype, IEEE-rounded (None without a grad scale)."""
+        if grad_scale_ptr is not None:
+            scale = tl.load(grad_scale_ptr).to(COMPUTE)
+            if COMPUTE == tl.float64:
+                inv_scale = 1.0 / scale
+            else:
+                inv_scale = tl.div_rn(tl.full((), 1.0, COMPUTE), scale)
+        else:
+            inv_scale = None
+        return inv_scale
+
+    @triton.jit
+    def _step_scalars(lr_ptr, lr_value, thresholds_ptr, t, step, clip_exponent, lr_max, wd, beta1, beta2, eps,
+                      COMPUTE: tl.constexpr, CLIP_MODE: tl.constexpr, CORRECTED: tl.constexpr):
+        """A later step's scalars in the compute dtype: lr, the clip threshold (``step **
+        clip_exponent``, read from the thresholds, or None), the decoupled decay factor,
+        1 - beta1, beta2, 1 - beta2 and eps."""
+        if lr_ptr is not None:
+            lr = tl.load(lr_ptr).to(COMPUTE)
+        else:
+            lr = tl.full((), lr_value, COMPUTE)
+        if CLIP_MODE == 1:
+            s = step.to(tl.float64)
+            clip = tl.exp2(tl.full((), clip_exponent, tl.float64) * tl.log2(s)).to(COMPUTE)
+        elif CLIP_MODE == 2:
+            clip = tl.load(thresholds_ptr + t).to(COMPUTE)
+        else:
+            clip = None
+        if CORRECTED:  # corrected weight decay: the decay's lr is lr * lr / lr_max
+            lr_max_c = tl.full((), lr_max, COMPUTE)
+            if COMPUTE == tl.float64:
+                decay = 1.0 - lr * lr / lr_max_c * wd
+            else:
+                decay = 1.0 - tl.div_rn(lr * lr, lr_max_c) * wd
+        else:
+            decay = 1.0 - lr * wd
+        # 1 - beta in float64 before rounding: 1 - fp32(0.999) is off by 1e-5 relative
+        one_minus_b1 = tl.full((), 1.0 - beta1, COMPUTE)
+        b2 = tl.full((), beta2, COMPUTE)
+        one_minus_b2 = tl.full((), 1.0 - beta2, COMPUTE)
+        eps_c = tl.full((), eps, COMPUTE)
+        return lr, clip, decay, one_minus_b1, b2, one_minus_b2, eps_c
+
+    @triton.jit
+    def _caution_weight(kept_ptr, t, numel, COMPUTE: tl.constexpr):
+        """The caution weight of tensor ``t``, rounded as adopt/_variants.py rounds it."""
+        fraction = tl.load(kept_ptr + t).to(COMPUTE)
+        if COMPUTE == tl.float64:
+            fraction = fraction / numel.to(COMPUTE)
+            weight = 1.0 / tl.where(fraction < 1e-3, 1e-3, fraction)
+        else:
+            fraction = tl.div_rn(fraction, numel.to(COMPUTE))
+            weight = tl.div_rn(tl.full((), 1.0, COMPUTE), tl.where(fraction < 1e-3, 1e-3, fraction))
+        return weight
+
+    @triton.jit
+    def _complete(counters_ptr, kept_ptr, step_ptr, t, step, nprogs, PASS: tl.constexpr):
+        """Count this program done; the last of its tensor resets what the next launch reads
+        (the counter, a cautious step's count) and writes ``step + 1``."""
+        # Every thread of this program has read the old step (and count) before the
+        # release below.
+        tl.debug_barrier()
+        done = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
+        if done == nprogs - 1:
+            tl.store(counters_ptr + t, 0)
+            if PASS == 2:
+                tl.store(kept_ptr + t, tl.full((), 0, tl.int64))
+            tl.store(step_ptr, step + 1.0)
+
     @triton.jit
     def _adopt_kernel(
         rows_ptr, blocks_ptr, counters_ptr, kept_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, thresholds_ptr,
@@ -247,15 +342,8 @@ if triton is not None:
         """One program per (tensor, chunk) pair of the block map; see the module docstring.
         PASS 0: the whole step; a cautious step runs PASS 1 (moments, counts) then PASS 2
         (the parameters; it also advances the steps)."""
-        pid = tl.program_id(0)
-        t = tl.load(blocks_ptr + 2 * pid)
-        chunk = tl.load(blocks_ptr + 2 * pid + 1)
-        row = rows_ptr + t.to(tl.int64) * ROW
-        if found_inf_ptr is not None:
-            go = tl.load(found_inf_ptr) == 0
-        else:
-            go = True
-        if go:
+        t, chunk, row = _program_row(rows_ptr, blocks_ptr, ROW)
+        if _runs(found_inf_ptr):
             p_ptr = _row_pointer(row, 0, DTYPE, ALIGNED)
             g_ptr = _row_pointer(row, 1, DTYPE, ALIGNED)
             m_ptr = _row_pointer(row, 2, DTYPE, ALIGNED)
@@ -268,14 +356,7 @@ if triton is not None:
             offs = start + tl.arange(0, BLOCK)
             full = start + BLOCK <= numel
 
-            if grad_scale_ptr is not None:
-                scale = tl.load(grad_scale_ptr).to(COMPUTE)
-                if COMPUTE == tl.float64:
-                    inv_scale = 1.0 / scale
-                else:
-                    inv_scale = tl.div_rn(tl.full((), 1.0, COMPUTE), scale)
-            else:
-                inv_scale = None
+            inv_scale = _inv_scale(grad_scale_ptr, COMPUTE)
             wd = tl.full((), weight_decay, COMPUTE)
 
             if step == 0.0:
@@ -289,30 +370,9 @@ if triton is not None:
                             _first_step(p_ptr, g_ptr, v_ptr, o, o < numel, inv_scale, wd,
                                         COMPUTE, MAXIMIZE, WD_MODE)
             else:
-                if lr_ptr is not None:
-                    lr = tl.load(lr_ptr).to(COMPUTE)
-                else:
-                    lr = tl.full((), lr_value, COMPUTE)
-                if CLIP_MODE == 1:
-                    s = step.to(tl.float64)
-                    clip = tl.exp2(tl.full((), clip_exponent, tl.float64) * tl.log2(s)).to(COMPUTE)
-                elif CLIP_MODE == 2:
-                    clip = tl.load(thresholds_ptr + t).to(COMPUTE)
-                else:
-                    clip = None
-                if CORRECTED:  # corrected weight decay: the decay's lr is lr * lr / lr_max
-                    lr_max_c = tl.full((), lr_max, COMPUTE)
-                    if COMPUTE == tl.float64:
-                        decay = 1.0 - lr * lr / lr_max_c * wd
-                    else:
-                        decay = 1.0 - tl.div_rn(lr * lr, lr_max_c) * wd
-                else:
-                    decay = 1.0 - lr * wd
-                # 1 - beta in float64 before rounding: 1 - fp32(0.999) is off by 1e-5 relative
-                one_minus_b1 = tl.full((), 1.0 - beta1, COMPUTE)
-                b2 = tl.full((), beta2, COMPUTE)
-                one_minus_b2 = tl.full((), 1.0 - beta2, COMPUTE)
-                eps_c = tl.full((), eps, COMPUTE)
+                lr, clip, decay, one_minus_b1, b2, one_minus_b2, eps_c = _step_scalars(
+                    lr_ptr, lr_value, thresholds_ptr, t, step, clip_exponent, lr_max, wd, beta1, beta2, eps,
+                    COMPUTE, CLIP_MODE, CORRECTED)
                 if ROUNDED:
                     # key = mix32(mix32(seed) ^ s) ^ mix32(high 32 bits of this chunk's offsets)
                     seed = (tl.load(seeds_ptr + t) & 0xFFFFFFFF).to(tl.uint32)
@@ -343,14 +403,7 @@ if triton is not None:
                                                  WD_MODE, NESTEROV)
                     tl.atomic_add(kept_ptr + t, kept, sem="relaxed")
                 else:
-                    # The caution weight, rounded as adopt/_variants.py rounds it.
-                    fraction = tl.load(kept_ptr + t).to(COMPUTE)
-                    if COMPUTE == tl.float64:
-                        fraction = fraction / numel.to(COMPUTE)
-                        weight = 1.0 / tl.where(fraction < 1e-3, 1e-3, fraction)
-                    else:
-                        fraction = tl.div_rn(fraction, numel.to(COMPUTE))
-                        weight = tl.div_rn(tl.full((), 1.0, COMPUTE), tl.where(fraction < 1e-3, 1e-3, fraction))
+                    weight = _caution_weight(kept_ptr, t, numel, COMPUTE)
                     if full:
                         _apply_step(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, inv_scale, lr, wd, decay, weight,
                                     one_minus_b1, b2, one_minus_b2, eps_c, clip, key, COMPUTE, MAXIMIZE,
@@ -363,15 +416,7 @@ if triton is not None:
                                         MAXIMIZE, WD_MODE, ROUNDED, NESTEROV)
 
             if PASS != 1:
-                # Every thread of this program has read the old step (and count) before the
-                # release below; the last program of a tensor resets what the next launch reads.
-                tl.debug_barrier()
-                done = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
-                if done == nblocks - 1:
-                    tl.store(counters_ptr + t, 0)
-                    if PASS == 2:
-                        tl.store(kept_ptr + t, tl.full((), 0, tl.int64))
-                    tl.store(step_ptr, step + 1.0)
+                _complete(counters_ptr, kept_ptr, step_ptr, t, step, nblocks, PASS)
 
     _INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
     _TL_DTYPES = {
@@ -382,32 +427,17 @@ if triton is not None:
     }
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Device-side tables for one group of tensors (views into one uploaded buffer)."""
-
-    host: Tensor  # the upload's source; a captured graph copies from it again on each replay
-    rows: Tensor  # int64 [T * _ROW]
-    blocks: Tensor  # int32 [2 * num_blocks]: (tensor, chunk) per program
-    counters: Tensor  # int32 [T]: completed programs per tensor, zero between launches
-    kept: Tensor  # int64 [T]: a cautious step's agreeing elements per tensor, zero between steps
-    num_blocks: int
-    aligned: bool
-
-
-_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
-_GRAPH_PLANS: dict[int, _Plan] = {}  # used inside a CUDA-graph capture: never freed
-_builds = 0
+_CACHE = common.PlanCache()
 
 
 def plan_builds() -> int:
     """How many pointer tables have been built (and uploaded) in this process."""
-    return _builds
+    return _CACHE.builds
 
 
 def clear_plan_cache() -> None:
     """Drop cached tables (those referenced by captured CUDA graphs are kept)."""
-    _PLANS.clear()
+    _CACHE.clear()
 
 
 def _check_group(
@@ -436,43 +466,6 @@ def _check_group(
             )
 
 
-def _build_plan(columns: Tuple[Tuple[int, ...], ...], block: int, device: torch.device) -> _Plan:
-    """Lay out rows, block map and zeroed counters in one int64 buffer and upload it."""
-    global _builds
-    fields = torch.tensor(columns, dtype=torch.int64).t()
-    num_tensors = fields.shape[0]
-    numels = fields[:, 5]
-    nblocks = torch.clamp((numels + block - 1) // block, min=1)  # empty tensors still count a step
-    num_blocks = int(nblocks.sum())
-    block_words = num_blocks  # one int64 word holds one (tensor, chunk) int32 pair
-    counter_words = (num_tensors + 1) // 2
-    host = torch.zeros(num_tensors * _ROW + block_words + counter_words + num_tensors, dtype=torch.int64)
-    rows = host[: num_tensors * _ROW].view(num_tensors, _ROW)
-    rows[:, : _ROW - 1] = fields
-    rows[:, _ROW - 1] = nblocks
-    tensor_of_block = torch.repeat_interleave(torch.arange(num_tensors), nblocks)
-    first_block = torch.cumsum(nblocks, 0) - nblocks
-    pairs = host[num_tensors * _ROW : num_tensors * _ROW + block_words].view(torch.int32)
-    pairs = pairs.view(num_blocks, 2)
-    pairs[:, 0] = tensor_of_block
-    pairs[:, 1] = torch.arange(num_blocks) - first_block[tensor_of_block]
-    aligned = bool((fields[:, :4] % 16 == 0).all())
-    if device.type == "cuda":
-        host = host.pin_memory()
-    dev = host.to(device, non_blocking=True)
-    split = num_tensors * _ROW
-    _builds += 1
-    return _Plan(
-        host=host,
-        rows=dev[:split],
-        blocks=dev[split : split + block_words].view(torch.int32),
-        counters=dev[split + block_words : split + block_words + counter_words].view(torch.int32)[:num_tensors],
-        kept=dev[split + block_words + counter_words :],
-        num_blocks=num_blocks,
-        aligned=aligned,
-    )
-
-
 def _plan_for(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -480,7 +473,7 @@ def _plan_for(
     exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
     block: int,
-) -> _Plan:
+) -> common.Plan:
     """The cached plan for these exact tensors, building (and validating) it on a miss."""
     device = params[0].device
     address = Tensor.data_ptr
@@ -492,30 +485,10 @@ def _plan_for(
         tuple(map(address, state_steps)),
         tuple(map(Tensor.numel, params)),
     )
-    key = (device, params[0].dtype, block, columns)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    plan = _PLANS.get(key)
-    if plan is None:
-        _check_group(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-        plan = _build_plan(columns, block, device)
-        if not capturing:  # a table uploaded inside a capture exists only once the graph runs
-            _PLANS[key] = plan
-            if len(_PLANS) > _CACHE_CAPACITY:
-                _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
-    if capturing:
-        _GRAPH_PLANS[id(plan)] = plan
-    return plan
-
-
-def _on(device: torch.device, name: str, t: Tensor, numel: int = 1) -> Tensor:
-    """``t`` if it is contiguous with ``numel`` elements on ``device``, else a clear error."""
-    if t.device != device:  # moving it here would cost a copy, and a host sync for CPU values
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
-    if t.numel() != numel or not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous with {numel} element(s), got {tuple(t.shape)}")
-    return t
+    return _CACHE.get(
+        (device, params[0].dtype, block, columns), columns, block, device,
+        lambda: _check_group(params, grads, exp_avgs, exp_avg_sqs, state_steps),
+    )
 
 
 def launch_group(
@@ -557,65 +530,34 @@ def launch_group(
         ValueError: mismatched lists, devices, sizes, non-contiguous tensors or a bad ``clip``.
         TypeError: an unsupported dtype.
     """
-    if triton is None:
-        raise RuntimeError("the fused CUDA path of ADOPT needs triton (pip install triton)")
+    common.require_triton(triton)
     count = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == count):
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps differ in length")
     if count == 0:
         return
     device, dtype = params[0].device, params[0].dtype
-    if (device.type == "cpu") != _INTERPRETED:  # the interpreter reads host memory only
-        raise RuntimeError(
-            f"triton ADOPT runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (set before "
-            f"triton is imported); got tensors on {device} with the interpreter "
-            f"{'on' if _INTERPRETED else 'off'}"
-        )
+    common.check_device(device, _INTERPRETED)
     if dtype not in _TL_DTYPES:
         raise TypeError(f"triton ADOPT supports float16/bfloat16/float32/float64, got {dtype}")
 
     block = _BLOCK_ELEMS[dtype]
     plan = _plan_for(params, grads, exp_avgs, exp_avg_sqs, state_steps, block)
 
-    lr_ptr = _on(device, "lr", lr) if isinstance(lr, Tensor) else None
-    lr_value = 0.0 if isinstance(lr, Tensor) else float(lr)
-    thresholds = None
-    exponent = 0.0
-    if clip is None:
-        clip_mode = _CLIP_NONE
-    elif clip[0] == "power":
-        clip_mode, exponent = _CLIP_POWER, float(clip[1])  # type: ignore[arg-type]
-    elif clip[0] == "tensor" and isinstance(clip[1], Tensor):
-        clip_mode, thresholds = _CLIP_TENSOR, _on(device, "clip thresholds", clip[1], count)
-    else:
-        raise ValueError(
-            f"clip must be None, ('power', exponent) or ('tensor', thresholds), got {clip!r}"
-        )
-    if weight_decay == 0:
-        wd_mode = _WD_NONE
-    else:
-        wd_mode = _WD_DECOUPLED if decouple else _WD_L2
-    compute = tl.float64 if dtype == torch.float64 else tl.float32
     rounded = seeds is not None and dtype in (torch.float16, torch.bfloat16)
-
-    args = (
-        plan.rows, plan.blocks, plan.counters, plan.kept, lr_ptr,
-        None if grad_scale is None else _on(device, "grad_scale", grad_scale),
-        None if found_inf is None else _on(device, "found_inf", found_inf),
-        thresholds,
-        _on(device, "seeds", seeds, count) if seeds is not None and rounded else None,
-        lr_value, float(beta1), float(beta2), float(weight_decay), float(eps), exponent,
-        float(lr_max) if lr_max is not None else 0.0,
+    args, clip_mode = common.kernel_args(
+        plan, device, count, lr=lr, clip=clip, grad_scale=grad_scale, found_inf=found_inf,
+        seeds=seeds if rounded else None, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+        eps=eps, lr_max=lr_max,
     )
+    compute = tl.float64 if dtype == torch.float64 else tl.float32
     meta = dict(
-        DTYPE=_TL_DTYPES[dtype], COMPUTE=compute, ALIGNED=plan.aligned, WD_MODE=wd_mode,
+        DTYPE=_TL_DTYPES[dtype], COMPUTE=compute, ALIGNED=plan.aligned,
+        WD_MODE=common.wd_mode(weight_decay, decouple),
         CLIP_MODE=clip_mode, MAXIMIZE=bool(maximize), BLOCK=block, TAIL=block // _TAIL_SPLIT,
         ROW=_ROW, ROUNDED=rounded, NESTEROV=bool(nesterov), CORRECTED=lr_max is not None,
         num_warps=_NUM_WARPS,
         # Contraction would let the two passes of a cautious step round differently.
         enable_fp_fusion=not rounded and not caution,
     )
-    # triton launches on the current CUDA device; make it the tensors' one
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        for step_pass in (1, 2) if caution else (0,):
-            _adopt_kernel[(plan.num_blocks,)](*args, **meta, PASS=step_pass)
+    common.launch(_adopt_kernel, plan, args, meta, device, caution)

@@ -19,10 +19,11 @@ Design
   product ``value(code) * scale``; ``u = sqrt_rn(v)`` is the stored root of v and ADOPT's
   denominator (v decodes to ``u * u`` exactly, whose correctly rounded root is ``u``).
 * **Pointer table, caching, step counters, found_inf, no host sync, CUDA graphs**: as in
-  ``triton_adopt`` (one int64 device buffer of rows ``(p, g, m, v, m scales, v scales,
-  step, numel, programs)``, the ``(tensor, chunk)`` map, completion counters and caution
-  counts; cached under the tensors' addresses; the last program of a tensor writes
-  ``step + 1``). The ``seeds`` are always needed (the moments' random words).
+  ``triton_adopt``, and by the same code (``_triton_common`` on the host, ``triton_adopt``'s
+  jit helpers in the kernel): one int64 device buffer of rows ``(p, g, m, v, m scales,
+  v scales, step, numel, programs)``, the ``(tensor, chunk)`` map, completion counters and
+  caution counts; cached under the tensors' addresses; the last program of a tensor writes
+  ``step + 1``. The ``seeds`` are always needed (the moments' random words).
 * **Caution** is two launches: a read-only one that counts each tensor's agreeing elements
   into a device buffer, then the full update, which reads the count.
 * **Parameters** (float32, bfloat16, float16) are written to nearest (bfloat16 by explicit
@@ -38,25 +39,27 @@ Run on CPU tensors only under ``TRITON_INTERPRET=1`` (set before ``triton`` is i
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .. import _random
 from .._state_formats import BLOCK_SIZE, FORMATS
+from . import _triton_common as common
 from . import triton_adopt
-from .triton_adopt import Clip, triton_available
+from ._triton_common import Clip
+from .triton_adopt import triton_available
 
 triton = triton_adopt.triton
 if triton is not None:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    from .triton_adopt import _agree, _grad, _mix32, _round_stochastic, _row_pointer
+    from .triton_adopt import (
+        _agree, _caution_weight, _complete, _grad, _inv_scale, _mix32, _normalised_root, _program_row,
+        _round_stochastic, _row_pointer, _runs, _step_scalars,
+    )
 
 __all__ = ["triton_available", "launch_state_group", "plan_builds", "clear_plan_cache", "STATE_FORMATS"]
 
@@ -65,10 +68,7 @@ _FMT_BF16, _FMT_8BIT = 0, 1
 _ROW = 9  # int64 fields per tensor: p, g, m, v, m scales, v scales, step addresses, numel, programs
 _NUM_WARPS = 8
 _TILE_BLOCKS = 8  # blocks of 256 per program: 2048 elements, 8 per thread of each stream
-_CACHE_CAPACITY = 32
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
-_CLIP_NONE, _CLIP_POWER, _CLIP_TENSOR = 0, 1, 2
 
 
 def _format_constants() -> dict[str, Union[int, float]]:
@@ -222,14 +222,6 @@ if triton is not None:
         tl.store(p_ptr + offs, out, mask=mask)
 
     @triton.jit
-    def _normalised(g, root, eps, clip):
-        """clamp(g / max(root, eps), -clip, clip), IEEE-rounded (triton_adopt's, given the root)."""
-        n = tl.div_rn(g, tl.where(root < eps, eps, root))
-        if clip is not None:
-            n = tl.where(n > clip, clip, tl.where(n < -clip, -clip, n))
-        return n
-
-    @triton.jit
     def _first_tile(p_ptr, g_ptr, m_ptr, v_ptr, ms_ptr, vs_ptr, offs, blk, mask, bmask, inv_scale, wd,
                     key_m, key_v, FMT: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
                     M_EXP: tl.constexpr, M_MAN: tl.constexpr, M_SUB: tl.constexpr, M_BMIN: tl.constexpr,
@@ -254,7 +246,7 @@ if triton is not None:
             g = g + wd * tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         m = _load_m(m_ptr, ms_ptr, offs, blk, mask, bmask, FMT, M_EXP, M_MAN, M_SUB)
         v, root = _load_v(v_ptr, vs_ptr, offs, blk, mask, bmask, FMT, V_EXP, V_MAN)
-        n = _normalised(g, root, eps, clip)
+        n = _normalised_root(g, root, eps, clip, tl.float32)
         u = m + one_minus_beta1 * (n - m)
         if NESTEROV:
             u = u + one_minus_beta1 * (n - u)
@@ -280,7 +272,7 @@ if triton is not None:
             g = g + wd * p
         if WD_MODE == 2:
             p = p * decay
-        n = _normalised(g, root, eps, clip)
+        n = _normalised_root(g, root, eps, clip, tl.float32)
         m = m + one_minus_beta1 * (n - m)
         v = beta2 * v + one_minus_beta2 * (g * g)
         if NESTEROV:
@@ -308,15 +300,8 @@ if triton is not None:
         """One program per (tensor, chunk) pair: NB blocks of BS elements. PASS 0: the whole
         step; a cautious step runs PASS 1 (counts only) then PASS 2 (the whole step, weighted;
         it also advances the steps)."""
-        pid = tl.program_id(0)
-        t = tl.load(blocks_ptr + 2 * pid)
-        chunk = tl.load(blocks_ptr + 2 * pid + 1)
-        row = rows_ptr + t.to(tl.int64) * ROW
-        if found_inf_ptr is not None:
-            go = tl.load(found_inf_ptr) == 0
-        else:
-            go = True
-        if go:
+        t, chunk, row = _program_row(rows_ptr, blocks_ptr, ROW)
+        if _runs(found_inf_ptr):
             p_ptr = _row_pointer(row, 0, DTYPE, ALIGNED)
             g_ptr = _row_pointer(row, 1, DTYPE, ALIGNED)
             m_ptr = _row_pointer(row, 2, MDTYPE, ALIGNED)
@@ -335,10 +320,7 @@ if triton is not None:
             mask = offs < numel
             bmask = blk * BS < numel
 
-            if grad_scale_ptr is not None:
-                inv_scale = tl.div_rn(tl.full((), 1.0, tl.float32), tl.load(grad_scale_ptr).to(tl.float32))
-            else:
-                inv_scale = None
+            inv_scale = _inv_scale(grad_scale_ptr, tl.float32)
             wd = tl.full((), weight_decay, tl.float32)
 
             # key = mix32(mix32(seed ^ stream * GOLDEN) ^ s) ^ mix32(high 32 bits of the offsets)
@@ -359,26 +341,9 @@ if triton is not None:
                                     wd, key_m, key_v, FMT, MAXIMIZE, WD_MODE,
                                     M_EXP, M_MAN, M_SUB, M_BMIN, V_EXP, V_MAN, V_BMIN)
             else:
-                if lr_ptr is not None:
-                    lr = tl.load(lr_ptr).to(tl.float32)
-                else:
-                    lr = tl.full((), lr_value, tl.float32)
-                if CLIP_MODE == 1:
-                    s = step.to(tl.float64)
-                    clip = tl.exp2(tl.full((), clip_exponent, tl.float64) * tl.log2(s)).to(tl.float32)
-                elif CLIP_MODE == 2:
-                    clip = tl.load(thresholds_ptr + t).to(tl.float32)
-                else:
-                    clip = None
-                if CORRECTED:  # corrected weight decay: the decay's lr is lr * lr / lr_max
-                    decay = 1.0 - tl.div_rn(lr * lr, tl.full((), lr_max, tl.float32)) * wd
-                else:
-                    decay = 1.0 - lr * wd
-                # 1 - beta in float64 before rounding, as triton_adopt
-                one_minus_b1 = tl.full((), 1.0 - beta1, tl.float32)
-                b2 = tl.full((), beta2, tl.float32)
-                one_minus_b2 = tl.full((), 1.0 - beta2, tl.float32)
-                eps_c = tl.full((), eps, tl.float32)
+                lr, clip, decay, one_minus_b1, b2, one_minus_b2, eps_c = _step_scalars(
+                    lr_ptr, lr_value, thresholds_ptr, t, step, clip_exponent, lr_max, wd, beta1, beta2, eps,
+                    tl.float32, CLIP_MODE, CORRECTED)
                 if ROUNDED:
                     key_p = _mix32(_mix32(seed) ^ s32) ^ high
                 else:
@@ -395,9 +360,7 @@ if triton is not None:
                     tl.atomic_add(kept_ptr + t, kept, sem="relaxed")
                 else:
                     if PASS == 2:
-                        # The caution weight, rounded as adopt/_variants.py (and triton_adopt) round it.
-                        fraction = tl.div_rn(tl.load(kept_ptr + t).to(tl.float32), numel.to(tl.float32))
-                        weight = tl.div_rn(tl.full((), 1.0, tl.float32), tl.where(fraction < 1e-3, 1e-3, fraction))
+                        weight = _caution_weight(kept_ptr, t, numel, tl.float32)
                     else:
                         weight = None
                     if full:
@@ -412,15 +375,7 @@ if triton is not None:
                                     M_EXP, M_MAN, M_SUB, M_BMIN, V_EXP, V_MAN, V_BMIN)
 
             if PASS != 1:
-                # Every thread of this program has read the old step (and count) before the
-                # release below; the last program of a tensor resets what the next launch reads.
-                tl.debug_barrier()
-                done = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
-                if done == nprogs - 1:
-                    tl.store(counters_ptr + t, 0)
-                    if PASS == 2:
-                        tl.store(kept_ptr + t, tl.full((), 0, tl.int64))
-                    tl.store(step_ptr, step + 1.0)
+                _complete(counters_ptr, kept_ptr, step_ptr, t, step, nprogs, PASS)
 
     _INTERPRETED = isinstance(_state_kernel, InterpretedFunction)
     _TL_PARAM = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -429,32 +384,17 @@ else:
     _INTERPRETED = False
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Device-side tables for one group of tensors (views into one uploaded buffer)."""
-
-    host: Tensor  # the upload's source; a captured graph copies from it again on each replay
-    rows: Tensor  # int64 [T * _ROW]
-    blocks: Tensor  # int32 [2 * num_programs]: (tensor, chunk) per program
-    counters: Tensor  # int32 [T]: completed programs per tensor, zero between launches
-    kept: Tensor  # int64 [T]: a cautious step's agreeing elements per tensor, zero between steps
-    num_programs: int
-    aligned: bool
-
-
-_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
-_GRAPH_PLANS: dict[int, _Plan] = {}  # used inside a CUDA-graph capture: never freed
-_builds = 0
+_CACHE = common.PlanCache()
 
 
 def plan_builds() -> int:
     """How many pointer tables have been built (and uploaded) in this process."""
-    return _builds
+    return _CACHE.builds
 
 
 def clear_plan_cache() -> None:
     """Drop cached tables (those referenced by captured CUDA graphs are kept)."""
-    _PLANS.clear()
+    _CACHE.clear()
 
 
 def _blocks(numel: int) -> int:
@@ -496,46 +436,10 @@ def _check_group(
         _check_tensor(f"state_steps[{i}]", state_steps[i], torch.float32, 1, device)
 
 
-def _build_plan(columns: Tuple[Tuple[int, ...], ...], device: torch.device) -> _Plan:
-    """Lay out rows, program map, zeroed counters and counts in one int64 buffer and upload it."""
-    global _builds
-    chunk = _TILE_BLOCKS * BLOCK_SIZE
-    fields = torch.tensor(columns, dtype=torch.int64).t()
-    num_tensors = fields.shape[0]
-    numels = fields[:, _ROW - 2]
-    nprogs = torch.clamp((numels + chunk - 1) // chunk, min=1)  # empty tensors still count a step
-    num_programs = int(nprogs.sum())
-    counter_words = (num_tensors + 1) // 2
-    host = torch.zeros(num_tensors * _ROW + num_programs + counter_words + num_tensors, dtype=torch.int64)
-    rows = host[: num_tensors * _ROW].view(num_tensors, _ROW)
-    rows[:, : _ROW - 1] = fields
-    rows[:, _ROW - 1] = nprogs
-    tensor_of = torch.repeat_interleave(torch.arange(num_tensors), nprogs)
-    first = torch.cumsum(nprogs, 0) - nprogs
-    pairs = host[num_tensors * _ROW : num_tensors * _ROW + num_programs].view(torch.int32).view(num_programs, 2)
-    pairs[:, 0] = tensor_of
-    pairs[:, 1] = torch.arange(num_programs) - first[tensor_of]
-    aligned = bool((fields[:, :4] % 16 == 0).all())
-    if device.type == "cuda":
-        host = host.pin_memory()
-    dev = host.to(device, non_blocking=True)
-    split = num_tensors * _ROW
-    _builds += 1
-    return _Plan(
-        host=host,
-        rows=dev[:split],
-        blocks=dev[split : split + num_programs].view(torch.int32),
-        counters=dev[split + num_programs : split + num_programs + counter_words].view(torch.int32)[:num_tensors],
-        kept=dev[split + num_programs + counter_words :],
-        num_programs=num_programs,
-        aligned=aligned,
-    )
-
-
 def _plan_for(
     fmt: str, params: _Tensors, grads: _Tensors, exp_avgs: _Tensors, exp_avg_sqs: _Tensors,
     exp_avg_scales: Optional[_Tensors], exp_avg_sq_scales: Optional[_Tensors], state_steps: _Tensors,
-) -> _Plan:
+) -> common.Plan:
     """The cached plan for these exact tensors, building (and validating) it on a miss."""
     device = params[0].device
     address = Tensor.data_ptr
@@ -550,21 +454,11 @@ def _plan_for(
         tuple(map(address, state_steps)),
         tuple(map(Tensor.numel, params)),
     )
-    key = (device, params[0].dtype, fmt, columns)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    plan = _PLANS.get(key)
-    if plan is None:
-        _check_group(fmt, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps)
-        plan = _build_plan(columns, device)
-        if not capturing:  # a table uploaded inside a capture exists only once the graph runs
-            _PLANS[key] = plan
-            if len(_PLANS) > _CACHE_CAPACITY:
-                _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
-    if capturing:
-        _GRAPH_PLANS[id(plan)] = plan
-    return plan
+    return _CACHE.get(
+        (device, params[0].dtype, fmt, columns), columns, _TILE_BLOCKS * BLOCK_SIZE, device,
+        lambda: _check_group(fmt, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                             state_steps),
+    )
 
 
 def launch_state_group(
@@ -613,8 +507,7 @@ def launch_state_group(
             tensors, missing ``seeds``.
         TypeError: an unsupported or mismatched dtype.
     """
-    if triton is None:
-        raise RuntimeError("the fused CUDA path of ADOPT needs triton (pip install triton)")
+    common.require_triton(triton)
     if fmt not in STATE_FORMATS:
         raise ValueError(f"fmt must be one of {STATE_FORMATS}, got {fmt!r}")
     count = len(params)
@@ -633,53 +526,24 @@ def launch_state_group(
     if count == 0:
         return
     device, dtype = params[0].device, params[0].dtype
-    if (device.type == "cpu") != _INTERPRETED:  # the interpreter reads host memory only
-        raise RuntimeError(
-            f"triton ADOPT runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (set before "
-            f"triton is imported); got tensors on {device} with the interpreter "
-            f"{'on' if _INTERPRETED else 'off'}"
-        )
+    common.check_device(device, _INTERPRETED)
     if dtype not in _PARAM_DTYPES:
         raise TypeError(f"params must be float32, bfloat16 or float16 for low-memory state, got {dtype}")
     _check_tensor("seeds", seeds, torch.int64, count, device)
 
     plan = _plan_for(fmt, params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps)
 
-    on = triton_adopt._on
-    lr_ptr = on(device, "lr", lr) if isinstance(lr, Tensor) else None
-    lr_value = 0.0 if isinstance(lr, Tensor) else float(lr)
-    thresholds = None
-    exponent = 0.0
-    if clip is None:
-        clip_mode = _CLIP_NONE
-    elif clip[0] == "power":
-        clip_mode, exponent = _CLIP_POWER, float(clip[1])  # type: ignore[arg-type]
-    elif clip[0] == "tensor" and isinstance(clip[1], Tensor):
-        clip_mode, thresholds = _CLIP_TENSOR, on(device, "clip thresholds", clip[1], count)
-    else:
-        raise ValueError(f"clip must be None, ('power', exponent) or ('tensor', thresholds), got {clip!r}")
-    if weight_decay == 0:
-        wd_mode = _WD_NONE
-    else:
-        wd_mode = _WD_DECOUPLED if decouple else _WD_L2
     rounded = bool(stochastic_rounding) and dtype in (torch.float16, torch.bfloat16)
-
-    args = (
-        plan.rows, plan.blocks, plan.counters, plan.kept, lr_ptr,
-        None if grad_scale is None else on(device, "grad_scale", grad_scale),
-        None if found_inf is None else on(device, "found_inf", found_inf),
-        thresholds, seeds,
-        lr_value, float(beta1), float(beta2), float(weight_decay), float(eps), exponent,
-        float(lr_max) if lr_max is not None else 0.0,
+    args, clip_mode = common.kernel_args(
+        plan, device, count, lr=lr, clip=clip, grad_scale=grad_scale, found_inf=found_inf, seeds=seeds,
+        beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, lr_max=lr_max,
     )
     meta = dict(
         DTYPE=_TL_PARAM[dtype], MDTYPE=_TL_STATE[fmt], FMT=_FMT_8BIT if fmt == "8bit" else _FMT_BF16,
-        ALIGNED=plan.aligned, WD_MODE=wd_mode, CLIP_MODE=clip_mode, MAXIMIZE=bool(maximize),
-        NB=_TILE_BLOCKS, BS=BLOCK_SIZE, ROW=_ROW, ROUNDED=rounded, NESTEROV=bool(nesterov),
+        ALIGNED=plan.aligned, WD_MODE=common.wd_mode(weight_decay, decouple), CLIP_MODE=clip_mode,
+        MAXIMIZE=bool(maximize), NB=_TILE_BLOCKS, BS=BLOCK_SIZE, ROW=_ROW, ROUNDED=rounded, NESTEROV=bool(nesterov),
         CORRECTED=lr_max is not None, **_format_constants(), num_warps=_NUM_WARPS,
         # Every path rounds each operation separately (the C kernel builds with -ffp-contract=off).
         enable_fp_fusion=False,
     )
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        for step_pass in (1, 2) if caution else (0,):
-            _state_kernel[(plan.num_programs,)](*args, **meta, PASS=step_pass)
+    common.launch(_state_kernel, plan, args, meta, device, caution)
