@@ -278,6 +278,52 @@ def _setup_path(path: str, sizes: list[int], device: torch.device, dtype: torch.
     return optimizer.step
 
 
+def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
+    """The plain tensors that hold ``value``'s data: a tensor subclass that wraps others
+    (torchao's quantized optimizer states report their dequantized size as ``nbytes``) by
+    its inner tensors, containers by their items."""
+    if isinstance(value, torch.Tensor):
+        flatten = getattr(value, "__tensor_flatten__", None)
+        if type(value) not in (torch.Tensor, torch.nn.Parameter) and flatten is not None:
+            for name in flatten()[0]:
+                yield from _tensors_in(getattr(value, name))
+        else:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+STATE_KEYS_NOT_COUNTED = ("step", "seed")
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` but the step counts and seeds
+    (:data:`STATE_KEYS_NOT_COUNTED`), each storage counted once (a table that several
+    parameters share, such as a quantization map, is stored once)."""
+    seen: set[tuple[str, int, int]] = set()
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key in STATE_KEYS_NOT_COUNTED:
+                continue
+            for tensor in _tensors_in(value):
+                ident = (str(tensor.device), tensor.data_ptr(), tensor.nbytes)
+                if ident not in seen:
+                    seen.add(ident)
+                    total += tensor.nbytes
+    return total
+
+
+def state_bytes_per_parameter(optimizer: torch.optim.Optimizer) -> float:
+    """:func:`state_nbytes` divided by the number of parameter elements of every group."""
+    elements = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return state_nbytes(optimizer) / elements
+
+
 def _setup_add(total: int, device: torch.device, dtype: torch.dtype, warmup: int) -> Callable[[], Any]:
     """The roofline's in-place add over one flat tensor of ``total`` elements."""
     x = torch.ones(total, device=device, dtype=dtype)
