@@ -253,7 +253,7 @@ def test_state_dict_keys_match_the_authors_layout():
     assert set(sd["param_groups"][0]) == {
         "lr", "betas", "eps", "weight_decay", "decouple", "maximize", "foreach", "capturable",
         "differentiable", "fused", "stochastic_rounding", "nesterov", "caution", "corrected_weight_decay", "lr_max",
-        "params",
+        "state_precision", "min_8bit_size", "params",
     }
 
 

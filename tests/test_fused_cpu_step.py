@@ -147,7 +147,7 @@ def test_non_cpu_or_complex_groups_do_not_reach_the_c_call(monkeypatch: pytest.M
     cpu = torch.zeros(3)
     groups = [{"params": [cpu], "fused": True, "lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "eps": 1e-6,
                "decouple": False, "maximize": False, "stochastic_rounding": False, "nesterov": False, "caution": False,
-               "corrected_weight_decay": False, "lr_max": 1e-3}, {"params": [p], "fused": True}]
+               "corrected_weight_decay": False, "lr_max": 1e-3, "state_precision": "full"}, {"params": [p], "fused": True}]
     assert not _fused.fused_cpu_step(groups, {}, PowerClip(0.25), None, None)
 
 

@@ -212,6 +212,8 @@ def fused_cpu_step(
         params = group["params"]
         if params and not (params[0].is_cpu and not params[0].is_complex()):
             return False  # CUDA or complex: the C call would gather every tensor only to decline
+        if group["state_precision"] != "full":
+            return False  # moments in bf16 or 8 bits: the general step splits the group by format
         lr = group["lr"]
         if isinstance(lr, Tensor):
             if not lr.is_cpu:

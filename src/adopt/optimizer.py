@@ -12,8 +12,11 @@ from torch.optim.optimizer import Optimizer, ParamsT, _use_grad_for_differentiab
 from ._checkpoint import translate_state_dict
 from ._checks import check_tensors
 from ._fused import fused_cpu_step, fused_cuda_available, fused_supported_dtypes
+from . import _state_formats as formats
 from ._random import param_seed
-from .functional import adopt, check_lr_max
+from . import _state_layout as layout
+from ._state_path import check_state_tensors, fused_state_available, state_adopt
+from .functional import adopt, check_lr_max, default_path
 from .schedules import DEFAULT_CLIP, ClipSchedule, check_schedule
 
 __all__ = ["ADOPT"]
@@ -78,6 +81,14 @@ class ADOPT(Optimizer):
             needs ``decouple=True``). ``lr_max`` is each group's ``lr`` when it was added
             (``group["lr_max"]``, saved in the state_dict; set it in a group's dict to choose
             another) (default: False).
+        state_precision: how ``exp_avg`` and ``exp_avg_sq`` are stored: ``"full"`` (the
+            parameter's dtype), ``"bf16"`` (bfloat16, 4 bytes per parameter) or ``"8bit"``
+            (8-bit block floating point, about 2.03 bytes per parameter), the latter two
+            written back with stochastic rounding so that the moments keep tracking; the
+            arithmetic is float32 either way. For float32, bfloat16 and float16 parameters
+            (default: "full"; see docs/state-precision.md).
+        min_8bit_size: under ``"8bit"``, tensors with fewer elements keep full-precision
+            state (biases, norms: small and the most sensitive) (default: 4096).
 
     Example:
         >>> model = torch.nn.Linear(10, 1)
@@ -103,9 +114,12 @@ class ADOPT(Optimizer):
         nesterov: bool = False,
         caution: bool = False,
         corrected_weight_decay: bool = False,
+        state_precision: str = "full",
+        min_8bit_size: int = formats.MIN_8BIT_SIZE,
     ) -> None:
         _validate_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         _validate_rounding(stochastic_rounding, differentiable)
+        _validate_state_precision(state_precision, min_8bit_size, differentiable)
         check_schedule(clip_lambda)
         defaults = dict(
             lr=lr,
@@ -123,6 +137,8 @@ class ADOPT(Optimizer):
             caution=caution,
             corrected_weight_decay=corrected_weight_decay,
             lr_max=None,  # each group's own lr when it is added
+            state_precision=state_precision,
+            min_8bit_size=min_8bit_size,
         )
         super().__init__(params, defaults)
         self.clip_lambda = clip_lambda
@@ -145,6 +161,7 @@ class ADOPT(Optimizer):
             foreach=group["foreach"], capturable=group["capturable"],
         )
         _validate_rounding(group["stochastic_rounding"], group["differentiable"])
+        _validate_state_precision(group["state_precision"], group["min_8bit_size"], group["differentiable"])
         if group["lr_max"] is None:
             group["lr_max"] = _number(group["lr"])
         _validate_options(group)
@@ -174,6 +191,8 @@ class ADOPT(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("caution", False)
             group.setdefault("corrected_weight_decay", False)
+            group.setdefault("state_precision", "full")
+            group.setdefault("min_8bit_size", formats.MIN_8BIT_SIZE)
             if group.get("lr_max") is None:
                 group["lr_max"] = _number(group["lr"])
             for p in group["params"]:
@@ -205,25 +224,42 @@ class ADOPT(Optimizer):
         try:
             for g_idx, group in enumerate(self.param_groups):
                 _validate_options(group, f"loaded state_dict, param_groups[{g_idx}]: ")
-            self._restore_seeds(state_dict)
+            self._restore_raw(state_dict)
             self._check_state_shapes()
+            self._conform_loaded()
         except ValueError:
             self.__setstate__(previous)
             raise
         if clip is not None:
             (self.clip_lambda,) = clip
 
-    def _restore_seeds(self, state_dict: dict[str, Any]) -> None:
-        """Put back the saved stochastic-rounding seeds as int64 scalars next to their steps.
+    def _restore_raw(self, state_dict: dict[str, Any]) -> None:
+        """Put back the saved seeds (int64 scalars next to their steps) and 8-bit codes and
+        scales as they were saved, checked (ValueError naming the parameter).
 
         torch's loader casts every state tensor but ``step`` to the parameter's dtype, which
-        would turn an int64 seed into a rounded bfloat16 or float32 value.
+        would turn an int64 seed into a rounded bfloat16 or float32 value and uint8 codes
+        and float32 scales into the parameter's dtype.
         """
         for g_idx, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
             for p_idx, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
-                seed = state_dict["state"].get(saved_id, {}).get("seed")
+                saved_state = state_dict["state"].get(saved_id, {})
+                where = f"param_groups[{g_idx}]['params'][{p_idx}]"
+                if p in self.state:
+                    layout.restore_quantized(self.state[p], saved_state, p, where)
+                seed = saved_state.get("seed")
                 if seed is not None:
-                    self._restore_seed(p, seed, f"param_groups[{g_idx}]['params'][{p_idx}]")
+                    self._restore_seed(p, seed, where)
+
+    def _conform_loaded(self) -> None:
+        """Convert loaded state to the layout each group asks for (a full-precision
+        checkpoint into a low-precision optimizer and the other way round)."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self.state.get(p)]
+            if group["state_precision"] != "full" or any(layout.layout_of(self.state[p], p) != "full" for p in params):
+                for p in params:
+                    layout.check_param(p, layout.target_format(group, p), self._where_param(group, p))
+                self._conform(group, params, [self.state[p] for p in params])
 
     def _restore_seed(self, p: Tensor, seed: object, where: str) -> None:
         """One saved seed, checked, into the state of ``p``; ValueError naming ``where``."""
@@ -234,26 +270,13 @@ class ADOPT(Optimizer):
         p_state["seed"] = seed.detach().reshape(()).to(torch.int64).to(p_state["step"].device, copy=True)
 
     def _check_state_shapes(self) -> None:
-        """Raise ValueError naming the first parameter whose step is missing or whose
-        exp_avg/exp_avg_sq is missing or has another shape than the parameter."""
+        """Raise ValueError naming the first parameter whose step is missing or whose moments
+        are missing or do not fit it (another shape: a state_dict of another model?)."""
         for g_idx, group in enumerate(self.param_groups):
             for p_idx, p in enumerate(group["params"]):
                 p_state = self.state.get(p)
-                if not p_state:
-                    continue
-                if "step" not in p_state:
-                    raise ValueError(
-                        f"loaded state does not fit param_groups[{g_idx}]['params'][{p_idx}]: it has no step "
-                        f"(keys: {sorted(p_state)})"
-                    )
-                for key in ("exp_avg", "exp_avg_sq"):
-                    value = p_state.get(key)
-                    if not isinstance(value, Tensor) or value.shape != p.shape:
-                        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
-                        raise ValueError(
-                            f"loaded state does not fit param_groups[{g_idx}]['params'][{p_idx}]: its {key} has "
-                            f"{got}, the parameter has shape {tuple(p.shape)} (a state_dict of another model?)"
-                        )
+                if p_state:
+                    layout.check_loaded(p_state, p, f"param_groups[{g_idx}]['params'][{p_idx}]")
 
     def _init_group(
         self,
@@ -292,6 +315,8 @@ class ADOPT(Optimizer):
             raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
         if None in states:
             self._create_state(group, params, states)
+        if getattr(self, "_low_precision_seen", False):
+            self._conform(group, params, states)  # moments stored in low precision: back to full
         ready = cast(list[dict[str, Any]], states)
         exp_avgs.extend(map(_get_exp_avg, ready))
         exp_avg_sqs.extend(map(_get_exp_avg_sq, ready))
@@ -300,6 +325,84 @@ class ADOPT(Optimizer):
         if group["stochastic_rounding"] and seeds is not None:
             seeds.extend(self._seeds(params, ready))
         return any(map(Tensor.is_complex, params))
+
+    def _init_low_precision_group(self, group: dict[str, Any]) -> list[tuple[str, list[Any], bool]]:
+        """A group with ``state_precision`` "bf16" or "8bit": its parameters with gradients,
+        split by how their state is stored, as ``(format, lists, has_complex)`` calls.
+
+        "full" (tensors under ``min_8bit_size``): the lists of :meth:`_init_group`;
+        "bf16"/"8bit": params, grads, exp_avgs, exp_avg_sqs (codes for "8bit"), exp_avg
+        scales, exp_avg_sq scales (None for "bf16"), steps and seeds. Creates missing state,
+        converts state stored in another layout (recorded for a failed step's rollback), then
+        checks every tensor.
+        """
+        all_params = group["params"]
+        params = [p for p in all_params if p.grad is not None]
+        grads = [cast(Tensor, p.grad) for p in params]
+        if any(g.is_sparse for g in grads):
+            p_idx = next(i for i, p in enumerate(all_params) if p.grad is not None and p.grad.is_sparse)
+            raise RuntimeError(
+                "ADOPT does not support sparse gradients, please consider SparseAdam instead: "
+                f"{self._where(group, p_idx)} (shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
+            )
+        if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        wanted = [layout.target_format(group, p) for p in params]
+        for p, fmt in zip(params, wanted):
+            layout.check_param(p, fmt, self._where_param(group, p))
+        states: list[Optional[dict[str, Any]]] = [state or None for state in map(self.state.get, params)]
+        if None in states:
+            self._create_state(group, params, states)
+        self._conform(group, params, states)
+        ready = cast(list[dict[str, Any]], states)
+        seeds = self._seeds(params, ready)
+        calls: list[tuple[str, list[Any], bool]] = []
+        full = [i for i, fmt in enumerate(wanted) if fmt == "full"]
+        if full:
+            lists: list[list[Tensor]] = [[params[i] for i in full], [grads[i] for i in full],
+                                         [ready[i]["exp_avg"] for i in full], [ready[i]["exp_avg_sq"] for i in full],
+                                         [ready[i]["step"] for i in full], [seeds[i] for i in full]]
+            check_tensors(*lists[:5], name=lambda i: self._where_param(group, lists[0][i]))
+            calls.append(("full", lists, any(p.is_complex() for p in lists[0])))
+        for fmt in layout.LOW_PRECISION_FORMATS:
+            chosen = [i for i, f in enumerate(wanted) if f == fmt]
+            if not chosen:
+                continue
+            if fmt == "8bit":
+                m = [ready[i][layout.CODE_KEYS["exp_avg"]] for i in chosen]
+                v = [ready[i][layout.CODE_KEYS["exp_avg_sq"]] for i in chosen]
+                m_scales: Optional[list[Tensor]] = [ready[i][layout.SCALE_KEYS["exp_avg"]] for i in chosen]
+                v_scales: Optional[list[Tensor]] = [ready[i][layout.SCALE_KEYS["exp_avg_sq"]] for i in chosen]
+            else:
+                m = [ready[i]["exp_avg"] for i in chosen]
+                v = [ready[i]["exp_avg_sq"] for i in chosen]
+                m_scales = v_scales = None
+            chosen_params = [params[i] for i in chosen]
+            steps = [ready[i]["step"] for i in chosen]
+            chosen_seeds = [seeds[i] for i in chosen]
+            check_state_tensors(chosen_params, [grads[i] for i in chosen], m, v, m_scales, v_scales, steps,
+                                chosen_seeds, fmt, name=lambda i: self._where_param(group, chosen_params[i]))
+            calls.append((fmt, [chosen_params, [grads[i] for i in chosen], m, v, m_scales, v_scales, steps,
+                                chosen_seeds], False))
+        return calls
+
+    def _conform(self, group: dict[str, Any], params: list[Tensor], states: list[Optional[dict[str, Any]]]) -> None:
+        """Convert the states stored in another layout than ``group`` asks for (replacing
+        the state dict, the old one recorded in ``self._replaced`` for rollback)."""
+        replaced = getattr(self, "_replaced", None)
+        for i, p in enumerate(params):
+            state = states[i]
+            if state is None:
+                continue
+            stored, wanted = layout.layout_of(state, p), layout.target_format(group, p)
+            if layout.same_storage(stored, wanted, p):
+                continue
+            new = layout.converted(state, p, "full" if wanted == "bf16" and p.dtype == torch.bfloat16 else wanted)
+            if replaced is not None:
+                replaced.append((p, state))
+            states[i] = self.state[p] = new
+            if wanted != "full":
+                self._low_precision_seen = True
 
     def _seeds(self, params: list[Tensor], states: list[dict[str, Any]]) -> list[Tensor]:
         """Each parameter's stochastic-rounding seed, created next to its step where missing
@@ -329,15 +432,18 @@ class ADOPT(Optimizer):
                         f"['cpu', 'cuda'] but {p.dtype} and {p.device.type} ({self._where_param(group, p)}; "
                         "the fused kernels take float64, float32, float16, bfloat16 and complex tensors)"
                     )
+        low_precision = group["state_precision"] != "full"
         for i, p in enumerate(params):
             if states[i] is not None:
                 continue
+            fmt = layout.target_format(group, p) if low_precision else "full"
             self.state.pop(p, None)  # re-added as a new key, so a failed step's rollback removes it
             states[i] = self.state[p] = {
                 "step": torch.zeros((), dtype=torch.float32, device=_step_device(group, p)),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                **layout.zero_moments(p, "full" if fmt == "bf16" and p.dtype == torch.bfloat16 else fmt),
             }
+            if fmt != "full":
+                self._low_precision_seen = True
 
     def _where_param(self, group: dict[str, Any], p: Tensor) -> str:
         return self._where(group, next(i for i, q in enumerate(group["params"]) if q is p))
@@ -346,27 +452,36 @@ class ADOPT(Optimizer):
         g_idx = next(i for i, g in enumerate(self.param_groups) if g is group)
         return f"param_groups[{g_idx}]['params'][{p_idx}]"
 
-    def _prepare(self) -> list[tuple[dict[str, Any], list[list[Tensor]], bool]]:
+    def _prepare(self) -> list[tuple[dict[str, Any], str, list[Any], bool]]:
         """Every group's tensor lists (and, with stochastic rounding, the seeds as a sixth
-        list), all validated before any update runs.
+        list), all validated before any update runs: ``(group, state format, lists,
+        has_complex)``, a group with low-precision state split by format.
 
         If a group fails validation, state created for earlier groups in this call is
         removed again, so a failed ``step()`` leaves the optimizer as it was.
         """
         known = len(self.state)
         self._seeded: list[dict[str, Any]] = []
-        prepared = []
+        self._replaced: list[tuple[Tensor, dict[str, Any]]] = []
+        prepared: list[tuple[dict[str, Any], str, list[Any], bool]] = []
         try:
             for group in self.param_groups:
+                if group["state_precision"] != "full":
+                    prepared.extend((group, *call) for call in self._init_low_precision_group(group))
+                    continue
                 lists: list[list[Tensor]] = [[], [], [], [], [], []]
                 has_complex = self._init_group(group, *lists)
-                prepared.append((group, lists, has_complex))
+                prepared.append((group, "full", lists, has_complex))
         except Exception:
-            for p in list(self.state)[known:]:
-                del self.state[p]
             for p_state in self._seeded:
                 p_state.pop("seed", None)
+            for p, old in reversed(self._replaced):
+                self.state[p] = old
+            for p in list(self.state)[known:]:
+                del self.state[p]
             raise
+        finally:
+            del self._replaced
         return prepared
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
@@ -393,7 +508,10 @@ class ADOPT(Optimizer):
         if not tried_fused and self._fused_cpu_step():
             return loss
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, lists, has_complex in self._prepare():
+        for group, fmt, lists, has_complex in self._prepare():
+            if fmt != "full":
+                self._low_precision_step(group, fmt, lists, grad_scale, found_inf)
+                continue
             params, grads, exp_avgs, exp_avg_sqs, state_steps = lists[:5]
             beta1, beta2 = group["betas"]
             adopt(
@@ -425,6 +543,30 @@ class ADOPT(Optimizer):
                 lr_max=group["lr_max"],
             )
         return loss
+
+    def _low_precision_step(
+        self, group: dict[str, Any], fmt: str, lists: list[Any], grad_scale: Optional[Tensor],
+        found_inf: Optional[Tensor],
+    ) -> None:
+        """One group's tensors with state stored as ``fmt`` ("bf16" or "8bit")."""
+        params = lists[0]
+        if group["fused"]:
+            path = "fused"
+        elif group["foreach"] is not None:
+            path = "foreach" if group["foreach"] else "single"
+        else:
+            path = default_path(params, False, group["lr"], group["capturable"])
+            if path == "fused" and not fused_state_available(params):
+                path = "foreach"
+        beta1, beta2 = group["betas"]
+        state_adopt(
+            *lists, grad_scale if path == "fused" else None, found_inf if path == "fused" else None,
+            fmt=fmt, path=path, beta1=beta1, beta2=beta2, lr=group["lr"], clip_lambda=self.clip_lambda,
+            weight_decay=group["weight_decay"], decouple=group["decouple"], eps=group["eps"],
+            maximize=group["maximize"], capturable=group["capturable"],
+            stochastic_rounding=group["stochastic_rounding"], nesterov=group["nesterov"], caution=group["caution"],
+            lr_max=group["lr_max"] if group["corrected_weight_decay"] else None,
+        )
 
 
 def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:
@@ -523,3 +665,17 @@ def _validate_rounding(stochastic_rounding: object, differentiable: bool) -> Non
         raise ValueError(f"stochastic_rounding must be True or False, got stochastic_rounding={stochastic_rounding!r}")
     if stochastic_rounding and differentiable:
         raise RuntimeError("stochastic_rounding=True does not support differentiable=True")
+
+
+def _validate_state_precision(state_precision: object, min_8bit_size: object, differentiable: bool) -> None:
+    """Raise for a ``state_precision`` or ``min_8bit_size`` that is not valid or cannot be
+    honoured (ValueError naming the value; RuntimeError with ``differentiable``)."""
+    if state_precision not in formats.STATE_PRECISIONS:
+        raise ValueError(
+            f"state_precision must be one of {', '.join(map(repr, formats.STATE_PRECISIONS))}, "
+            f"got state_precision={state_precision!r}"
+        )
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size must be an integer >= 0, got min_8bit_size={min_8bit_size!r}")
+    if state_precision != "full" and differentiable:
+        raise RuntimeError(f"state_precision={state_precision!r} does not support differentiable=True")

@@ -1,0 +1,344 @@
+"""Low-memory optimizer state (``state_precision`` ``"bf16"`` or ``"8bit"``): the step.
+
+Per tensor, with ``s`` its step count before the step and ``seed`` its ``state["seed"]``
+(the format and the random words are :mod:`adopt._state_formats`'s):
+
+1. decode the stored moments to float32 ``m`` and ``v`` (8-bit ``v`` is ``u * u``, exact, so
+   the full-precision rule's ``sqrt(v)`` gives back the stored ``u``);
+2. apply the full-precision rule of :mod:`adopt._single_tensor` to the parameter, its
+   gradient and these float32 moments (every option included);
+3. encode both moments again with stochastic rounding, keys
+   ``state_key(seed, s, "exp_avg")`` and ``state_key(seed, s, "exp_avg_sq")``; every step
+   re-encodes both (at ``s == 0``, where ``m`` is unchanged, that gives back its codes).
+
+The torch-op paths (``"single"``, ``"foreach"``) do exactly that with the single-tensor or
+foreach rule on float32 copies, a bounded number of elements at a time (so the copies never
+hold the whole state at once). ``"fused"`` runs the C kernel (CPU) or Triton (CUDA), which
+do the same in one pass over memory without the copies.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _state_formats as formats
+from ._foreach import foreach_adopt
+from ._fused import _cpu_kernel, _warn_fallback_once, fused_cuda_available
+from ._single_tensor import single_tensor_adopt
+from .schedules import ClipSchedule, PowerClip, device_thresholds
+
+__all__ = ["state_adopt", "check_state_tensors", "LOW_PRECISION_FORMATS", "STATE_PARAM_DTYPES"]
+
+LOW_PRECISION_FORMATS = ("bf16", "8bit")
+# Parameter dtypes whose moments can be stored in low precision (the arithmetic is float32).
+STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The torch-op paths decode at most this many elements at once (plus one tensor larger than
+# it): the float32 copies of m and v then take at most 8 bytes times this.
+_DECODE_BUDGET = 1 << 22
+
+_Key = Union[int, Tensor]
+
+
+def check_state_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: Optional[list[Tensor]],
+    exp_avg_sq_scales: Optional[list[Tensor]],
+    state_steps: list[Tensor],
+    seeds: Optional[list[Tensor]],
+    fmt: str,
+    name: Optional[Callable[[int], str]] = None,
+) -> None:
+    """Raise (ValueError for the lists, RuntimeError for a tensor, naming the parameter) unless
+    every tensor is what a ``fmt`` step reads and writes: gradients of the parameter's shape,
+    dtype and device; moments as :data:`adopt._state_formats` stores them (contiguous, on the
+    parameter's device); one-element steps and int64 seeds."""
+    if fmt not in LOW_PRECISION_FORMATS:
+        raise ValueError(f"state_precision must be one of {LOW_PRECISION_FORMATS} here, got {fmt!r}")
+    n = len(params)
+    if seeds is None:
+        raise ValueError(f"state_precision={fmt!r} needs one seed per parameter ({n}), got None")
+    lists = [grads, exp_avgs, exp_avg_sqs, state_steps, seeds]
+    if fmt == "8bit":
+        if exp_avg_scales is None or exp_avg_sq_scales is None:
+            raise ValueError("state_precision='8bit' needs exp_avg_scales and exp_avg_sq_scales")
+        lists += [exp_avg_scales, exp_avg_sq_scales]
+    if any(len(ts) != n for ts in lists):
+        raise ValueError(f"the tensor lists have different lengths: {[n] + [len(ts) for ts in lists]}")
+    where = name or "params[{}]".format
+    code_dtype = torch.uint8 if fmt == "8bit" else torch.bfloat16
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or p.dtype not in STATE_PARAM_DTYPES:
+            got = p.dtype if isinstance(p, Tensor) else type(p).__name__
+            raise RuntimeError(
+                f"ADOPT: state_precision={fmt!r} stores the moments of float32, bfloat16 and float16 "
+                f"parameters; {where(i)} is {got} (use state_precision='full' for its group)"
+            )
+        g = grads[i]
+        if not isinstance(g, Tensor) or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise RuntimeError(f"ADOPT: {where(i)} is {_describe(p)}, but its grad is {_describe(g)}")
+        entries = [("exp_avg", exp_avgs[i], code_dtype, p.shape), ("exp_avg_sq", exp_avg_sqs[i], code_dtype, p.shape)]
+        if fmt == "8bit":
+            blocks = (-(-p.numel() // formats.BLOCK_SIZE),)
+            entries += [("exp_avg scales", exp_avg_scales[i], torch.float32, blocks),  # type: ignore[index]
+                        ("exp_avg_sq scales", exp_avg_sq_scales[i], torch.float32, blocks)]  # type: ignore[index]
+        for key, t, dtype, shape in entries:
+            if (not isinstance(t, Tensor) or t.dtype != dtype or t.shape != shape or t.device != p.device
+                    or not t.is_contiguous()):
+                raise RuntimeError(
+                    f"ADOPT: {where(i)} is {_describe(p)}, its {key} must be a contiguous {dtype} tensor of "
+                    f"shape {tuple(shape)} on {p.device}, got {_describe(t)}"
+                )
+        step, seed = state_steps[i], seeds[i]
+        if not isinstance(step, Tensor) or step.numel() != 1:
+            raise RuntimeError(f"ADOPT: the step of {where(i)} must be a one-element tensor")
+        if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype != torch.int64:
+            raise RuntimeError(f"ADOPT: the seed of {where(i)} must be a one-element int64 tensor")
+
+
+def _describe(t: object) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    contiguity = "" if t.is_contiguous() else "non-contiguous "
+    return f"a {contiguity}{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def state_adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: Optional[list[Tensor]],
+    exp_avg_sq_scales: Optional[list[Tensor]],
+    state_steps: list[Tensor],
+    seeds: list[Tensor],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    *,
+    fmt: str,
+    path: str,
+    beta1: float,
+    beta2: float,
+    lr: Union[float, Tensor],
+    clip_lambda: Optional[ClipSchedule],
+    weight_decay: float,
+    decouple: bool,
+    eps: float,
+    maximize: bool,
+    capturable: bool,
+    stochastic_rounding: bool,
+    nesterov: bool = False,
+    caution: bool = False,
+    lr_max: Optional[float] = None,
+) -> None:
+    """One step of tensors whose moments are stored as ``fmt`` (module docstring), on
+    ``path`` ("single", "foreach" or "fused"). The lists must pass :func:`check_state_tensors`.
+    ``stochastic_rounding``: bfloat16/float16 parameters are written back with stochastic
+    rounding (``seeds`` serve both)."""
+    check_state_tensors(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
+                        seeds, fmt)
+    if not params:
+        return
+    hyper = dict(beta1=beta1, beta2=beta2, lr=lr, clip_lambda=clip_lambda, weight_decay=weight_decay,
+                 decouple=decouple, eps=eps, maximize=maximize, capturable=capturable, nesterov=nesterov,
+                 caution=caution, lr_max=lr_max)
+    if path == "fused":
+        lists = (params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds)
+        if fused_state_available(params):
+            _fused(*lists, grad_scale, found_inf, fmt=fmt, stochastic_rounding=stochastic_rounding, **hyper)
+            return
+        _warn_fallback_once("fused=True runs the foreach path for low-precision state instead")
+        if found_inf is not None and float(found_inf) != 0.0:
+            return
+        if grad_scale is not None:
+            grads = list(torch._foreach_mul(grads, 1.0 / float(grad_scale)))
+        grad_scale = found_inf = None
+        path = "foreach"
+    if grad_scale is not None or found_inf is not None:
+        raise RuntimeError(f"the {path} path expects unscaled gradients (grad_scale/found_inf are fused-only)")
+    inner = single_tensor_adopt if path == "single" else foreach_adopt
+    # Keys (and so host step counts) before any tensor changes: they are the counts before
+    # the step, and a failure to read them must leave everything untouched.
+    keys = [_keys(seed, step, capturable) for seed, step in zip(seeds, state_steps)]
+    for chunk in _chunks(params, 1 if path == "single" else _DECODE_BUDGET):
+        moments = [_decode(i, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, fmt) for i in chunk]
+        inner(
+            [params[i] for i in chunk], [grads[i] for i in chunk], [m for m, _ in moments], [v for _, v in moments],
+            [state_steps[i] for i in chunk], None, None, has_complex=False, differentiable=False,
+            seeds=[seeds[i] for i in chunk] if stochastic_rounding else None, **hyper,
+        )
+        for i, (m, v) in zip(chunk, moments):
+            _encode(i, m, v, keys[i], exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, fmt)
+
+
+def fused_state_available(params: list[Tensor]) -> bool:
+    """Whether the fused kernels for low-precision state can run every one of ``params``
+    (the C extension with its low-precision step on CPU; triton on CUDA)."""
+    if all(p.is_cpu for p in params):
+        kernel = _cpu_kernel()
+        return kernel is not None and hasattr(kernel, "step_state")
+    return all(p.is_cpu or p.is_cuda for p in params) and fused_cuda_available() and (
+        not any(p.is_cpu for p in params) or fused_state_available([p for p in params if p.is_cpu]))
+
+
+def _fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: Optional[list[Tensor]],
+    exp_avg_sq_scales: Optional[list[Tensor]],
+    state_steps: list[Tensor],
+    seeds: list[Tensor],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    *,
+    fmt: str,
+    stochastic_rounding: bool,
+    beta1: float,
+    beta2: float,
+    lr: Union[float, Tensor],
+    clip_lambda: Optional[ClipSchedule],
+    weight_decay: float,
+    decouple: bool,
+    eps: float,
+    maximize: bool,
+    capturable: bool,
+    nesterov: bool,
+    caution: bool,
+    lr_max: Optional[float],
+) -> None:
+    """The fused kernels: the CPU tensors in one C call, each CUDA device and dtype in one
+    Triton launch sequence."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds]
+
+    def pick(indices: list[int]) -> list[Optional[list[Tensor]]]:
+        return [None if ts is None else [ts[i] for i in indices] for ts in lists]
+
+    cpu = [i for i, p in enumerate(params) if p.is_cpu]
+    by_device: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        if not p.is_cpu:
+            by_device.setdefault((p.device, p.dtype), []).append(i)
+    if cpu:
+        from ._fused_state import fused_state_cpu
+
+        fused_state_cpu(*pick(cpu), grad_scale, found_inf, fmt=fmt, beta1=beta1, beta2=beta2, lr=lr,
+                        clip_lambda=clip_lambda, weight_decay=weight_decay, decouple=decouple, eps=eps,
+                        maximize=maximize, stochastic_rounding=stochastic_rounding, nesterov=nesterov,
+                        caution=caution, lr_max=lr_max)
+    for (device, _), indices in by_device.items():
+        _launch_cuda(pick(indices), device, grad_scale, found_inf, fmt=fmt, beta1=beta1, beta2=beta2, lr=lr,
+                     clip_lambda=clip_lambda, weight_decay=weight_decay, decouple=decouple, eps=eps,
+                     maximize=maximize, stochastic_rounding=stochastic_rounding, nesterov=nesterov,
+                     caution=caution, lr_max=lr_max)
+
+
+def _launch_cuda(
+    lists: list[Optional[list[Tensor]]],
+    device: torch.device,
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    *,
+    fmt: str,
+    clip_lambda: Optional[ClipSchedule],
+    lr: Union[float, Tensor],
+    **hyper: object,
+) -> None:
+    """One Triton launch sequence for a CUDA device and dtype; nothing synchronises."""
+    from ._kernels import triton_state
+
+    params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds = lists
+    assert params is not None and grads is not None and exp_avgs is not None and exp_avg_sqs is not None
+    assert steps is not None and seeds is not None
+    if not all(s.device == device and s.dtype == torch.float32 for s in steps):
+        raise ValueError(f"fused ADOPT needs float32 step tensors on {device} (create state with fused=True)")
+    clip: object
+    if clip_lambda is None:
+        clip = None
+    elif isinstance(clip_lambda, PowerClip):
+        clip = ("power", clip_lambda.exponent)
+    else:
+        clip = ("tensor", device_thresholds(clip_lambda, steps).to(device, torch.float32))
+    if isinstance(lr, Tensor):
+        lr = float(lr) if lr.is_cpu else lr.to(device, non_blocking=True)
+    triton_state.launch_state_group(
+        params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, fmt=fmt,
+        seeds=torch.stack([s.reshape(()) for s in seeds]).to(device, torch.int64),
+        grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+        found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+        lr=lr, clip=clip, **hyper,
+    )
+
+
+def _keys(seed: Tensor, step: Tensor, on_device: bool) -> tuple[_Key, _Key]:
+    """The rounding keys of m and v for this step: on the device (no synchronisation) or as
+    host ints."""
+    if on_device:
+        s, c = seed.reshape(()).to(torch.int64), step.reshape(()).to(torch.int64)
+        return formats.state_key(s, c, "exp_avg"), formats.state_key(s, c, "exp_avg_sq")
+    s_int, c_int = int(seed), int(step.item())
+    return formats.state_key(s_int, c_int, "exp_avg"), formats.state_key(s_int, c_int, "exp_avg_sq")
+
+
+def _chunks(params: list[Tensor], budget: int) -> list[list[int]]:
+    """Consecutive indices in runs of at most ``budget`` elements (a larger tensor alone)."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        if current and size + n > budget:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _decode(
+    i: int,
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: Optional[list[Tensor]],
+    exp_avg_sq_scales: Optional[list[Tensor]],
+    fmt: str,
+) -> tuple[Tensor, Tensor]:
+    """Tensor ``i``'s moments as float32 tensors of its shape."""
+    m_stored, v_stored = exp_avgs[i], exp_avg_sqs[i]
+    if fmt == "bf16":
+        return m_stored.float(), v_stored.float()
+    assert exp_avg_scales is not None and exp_avg_sq_scales is not None
+    m = formats.dequantize(formats.QuantizedMoment(m_stored.view(-1), exp_avg_scales[i]), "exp_avg")
+    v = formats.dequantize(formats.QuantizedMoment(v_stored.view(-1), exp_avg_sq_scales[i]), "exp_avg_sq")
+    return m.view(m_stored.shape), v.view(v_stored.shape)
+
+
+def _encode(
+    i: int,
+    m: Tensor,
+    v: Tensor,
+    keys: tuple[_Key, _Key],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: Optional[list[Tensor]],
+    exp_avg_sq_scales: Optional[list[Tensor]],
+    fmt: str,
+) -> None:
+    """Store tensor ``i``'s new float32 moments with stochastic rounding."""
+    if fmt == "bf16":
+        exp_avgs[i].copy_(formats.round_bf16(m, keys[0]))
+        exp_avg_sqs[i].copy_(formats.round_bf16(v, keys[1]))
+        return
+    assert exp_avg_scales is not None and exp_avg_sq_scales is not None
+    formats.quantize(m, "exp_avg", keys[0], out=formats.QuantizedMoment(exp_avgs[i].view(-1), exp_avg_scales[i]))
+    formats.quantize(v, "exp_avg_sq", keys[1],
+                     out=formats.QuantizedMoment(exp_avg_sqs[i].view(-1), exp_avg_sq_scales[i]))
