@@ -323,7 +323,7 @@ def save_figure(results: dict[str, Any], path: Path) -> None:
 
     rows = [e for e in ("toy", "digits", "precision") if e in results]
     if "state" in results:
-        rows += ["state", "state-toy"]
+        rows += ["state", "state-relative", "state-toy"]
     fig = Figure(figsize=(17, 5.2 * len(rows)), layout="constrained")
     fig.suptitle(finding(results), fontsize=12)
     grid = fig.add_gridspec(len(rows), 12)
@@ -334,6 +334,8 @@ def save_figure(results: dict[str, Any], path: Path) -> None:
             _plot_digits(fig, grid, row, results["digits"])
         elif experiment == "state":
             _plot_state(fig, grid, row, results["state"])
+        elif experiment == "state-relative":
+            _plot_state(fig, grid, row, results["state"], relative=True)
         elif experiment == "state-toy":
             _plot_state_toy(fig, grid, row, results["state"])
         else:
@@ -461,6 +463,7 @@ def _plot_precision(fig: Any, grid: Any, row: int, precision: dict[str, Any]) ->
 STATE_COLORS = {"full": "black", "bf16": "tab:green", "8bit": "tab:cyan", "8bit, nearest": "tab:red"}
 STATE_STYLES = {"full": ("-", 2.6), "bf16": ("-", 1.6), "8bit": ("--", 1.6), "8bit, nearest": ("-", 1.2)}
 STATE_CONTROL = "8bit, nearest"
+RELATIVE_BAND = 0.02  # the 2 % of the "matches full" criterion, shaded in the relative panels
 
 
 def _bytes_cell(name: str, value: Any) -> str:
@@ -551,8 +554,13 @@ def state_reading(state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _plot_state(fig: Any, grid: Any, row: int, state: dict[str, Any]) -> None:
-    """Training and validation loss per task, one line per state precision."""
+# Drawing order: the control underneath, full precision wide, the low-memory formats on top.
+STATE_ORDER = ("8bit, nearest", "full", "bf16", "8bit")
+
+
+def _plot_state(fig: Any, grid: Any, row: int, state: dict[str, Any], relative: bool = False) -> None:
+    """Training and validation loss per task, one line per state precision; ``relative``:
+    the mean loss's change against full precision's, in percent."""
     from matplotlib.ticker import MaxNLocator
 
     seeds = state["setup"]["seeds"]
@@ -561,23 +569,34 @@ def _plot_state(fig: Any, grid: Any, row: int, state: dict[str, Any]) -> None:
     for j, (task, split) in enumerate(panels):
         result = state["tasks"][task]
         ax = fig.add_subplot(grid[row, width * j : width * (j + 1)])
-        for name, run in result["runs"].items():
-            at = list(zip(*run[f"{split}_loss"]))
-            mean = [sum(v) / len(v) for v in at]
+        runs = result["runs"]
+        means = {name: [sum(v) / len(v) for v in zip(*run[f"{split}_loss"])] for name, run in runs.items()}
+        for name in (n for n in STATE_ORDER if n in runs):
+            run = runs[name]
             ls, lw = STATE_STYLES[name]
-            ax.plot(run["steps"], mean, color=STATE_COLORS[name], ls=ls, lw=lw, label=name)
+            if relative:
+                ref = means["full"]
+                ax.plot(run["steps"], [100 * (m / r - 1) for m, r in zip(means[name], ref)],
+                        color=STATE_COLORS[name], ls=ls, lw=lw, label=name)
+                continue
+            at = list(zip(*run[f"{split}_loss"]))
+            ax.plot(run["steps"], means[name], color=STATE_COLORS[name], ls=ls, lw=lw, label=name)
             ax.fill_between(run["steps"], [min(v) for v in at], [max(v) for v in at],
-                            color=STATE_COLORS[name], alpha=0.12, lw=0)
-        if task == "digits":
+                            color=STATE_COLORS[name], alpha=0.10, lw=0)
+        if task == "digits" and not relative:
             ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(result["setup"]["unit"])
         what = "training" if split == "train" else ("test" if task == "digits" else "validation")
-        ax.set_ylabel(f"{what} loss (nats)")
-        ax.set_title(f"state precision: {_task_title(task, result)}, {what}", fontsize=9)
+        if relative:
+            ax.axhspan(-100 * RELATIVE_BAND, 100 * RELATIVE_BAND, color="gray", alpha=0.12, lw=0)
+            ax.set_ylabel(f"mean {what} loss vs full (%)")
+        else:
+            ax.set_ylabel(f"{what} loss (nats)")
+        ax.set_title(f"{_task_title(task, result)}\n{what} loss{', change vs full' if relative else ''}", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-              title=f"state precision\nline: mean of {seeds} seeds\nband: min-max", title_fontsize=8)
+    legend = f"state precision\nline: mean of {seeds} seeds\n" + ("band: ±2 %" if relative else "band: min-max")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title=legend, title_fontsize=8)
 
 
 def _plot_state_toy(fig: Any, grid: Any, row: int, state: dict[str, Any]) -> None:
@@ -587,7 +606,8 @@ def _plot_state_toy(fig: Any, grid: Any, row: int, state: dict[str, Any]) -> Non
     for j, b in enumerate(BETA2S):
         ax = fig.add_subplot(grid[row, 3 * j : 3 * j + 3], sharey=axes[0] if axes else None)
         axes.append(ax)
-        for name, cells in toy["variants"].items():
+        for name in (n for n in STATE_ORDER if n in toy["variants"]):
+            cells = toy["variants"][name]
             ls, lw = STATE_STYLES[name]
             ax.plot(toy["steps"], cells[str(b)]["mean"], color=STATE_COLORS[name], ls=ls, lw=lw, label=name)
         ax.axhline(-1, color="black", lw=0.8, ls=":")
