@@ -321,7 +321,7 @@ def save_figure(results: dict[str, Any], path: Path) -> None:
     """One row per experiment: θ over steps per β2; loss curves per setting and accuracies."""
     from matplotlib.figure import Figure
 
-    rows = [e for e in ("toy", "digits", "precision") if e in results]
+    rows: list[str] = [e for e in ("toy", "digits", "precision") if e in results]
     if "state" in results:
         rows += ["state", "state-relative", "state-toy"]
     fig = Figure(figsize=(17, 5.2 * len(rows)), layout="constrained")
@@ -535,13 +535,13 @@ def state_reading(state: dict[str, Any]) -> list[str]:
         lines.append(f"  {_task_title(task, result)}: {'; '.join(parts)}; tolerance for 8bit {tolerance} nats.")
     toy = state["toy"]
     near = {n: [str(b) for b in BETA2S if c[str(b)]["near_optimum"]] for n, c in toy["variants"].items()}
-    matched = {n: [str(b) for b in BETA2S if c[str(b)]["matches_full"]] for n, c in toy["variants"].items()}
+    toy_matched = {n: [str(b) for b in BETA2S if c[str(b)]["matches_full"]] for n, c in toy["variants"].items()}
     lines.append(
         f"  Toy problem ({toy['setup']['steps']} steps, clip off): near the optimum (mean theta <"
         f" {toy['setup']['near_optimum_below']}) at beta2 = "
         + "; ".join(f"{n}: {', '.join(b) or 'none'}" for n, b in near.items())
         + f". Within {toy['setup']['matches_full_within']} of full at beta2 = "
-        + "; ".join(f"{n}: {', '.join(b) or 'none'}" for n, b in matched.items() if n != "full")
+        + "; ".join(f"{n}: {', '.join(b) or 'none'}" for n, b in toy_matched.items() if n != "full")
         + "."
     )
     lines.append(
