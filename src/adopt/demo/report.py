@@ -544,10 +544,21 @@ def state_reading(state: dict[str, Any]) -> list[str]:
         + "; ".join(f"{n}: {', '.join(b) or 'none'}" for n, b in toy_matched.items() if n != "full")
         + "."
     )
+    stalled = {n: [(b, c[str(b)]["v_stalled_fraction"]) for b in BETA2S if c[str(b)].get("v_stalled_fraction")]
+               for n, c in toy["variants"].items()}
     lines.append(
-        "  Why the control: an 8-bit code keeps 4 mantissa bits, so a moment that changes by less than half a"
-        " code step per step (beta2 = 0.9999 moves v by 1e-4 of itself) is rounded back by round-to-nearest and"
-        " stalls; stochastic rounding keeps the change on average, as for bfloat16 parameters."
+        f"  Toy problem, seeds whose v never changed in the last {toy['setup']['steps'] - toy['setup']['steps'] // 2}"
+        " steps: " + "; ".join(
+            f"{n}: " + (", ".join(f"{100 * f:.0f} % at beta2 = {b}" for b, f in cells) or "none")
+            for n, cells in stalled.items()
+        ) + "."
+    )
+    lines.append(
+        "  Why the control: an 8-bit code keeps 4 or 5 significant bits, so a moment that changes by less than"
+        " half a code step per step (for large beta2, v moves by (1 - beta2) of itself) is rounded back to"
+        " the same code by round-to-nearest and stops moving; ADOPT then divides by a stale v, which is a"
+        " different algorithm even where it happens to descend faster. Stochastic rounding moves the code"
+        " with the probability of the dropped fraction, so the stored v follows full precision's on average."
     )
     if state["setup"]["seeds"] < 2:
         lines.append("  (One seed: no seed-to-seed spread, so the tolerance is the 2 % alone.)")

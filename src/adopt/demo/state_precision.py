@@ -180,6 +180,15 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def decoded_exp_avg_sq(optimizer: Optimizer, p: Tensor) -> Tensor:
+    """The second moment ``v`` the optimizer holds for ``p``, as float32, in any layout."""
+    state = optimizer.state[p]
+    if "exp_avg_sq_codes" in state:
+        q = formats.QuantizedMoment(state["exp_avg_sq_codes"].view(-1), state["exp_avg_sq_scales"])
+        return formats.dequantize(q, "exp_avg_sq").view_as(p)
+    return state["exp_avg_sq"].float()
+
+
 def run_toy_state(steps: int, seeds: int, device: torch.device, progress: Optional[Callable[[int], Any]] = None) -> dict[str, Any]:
     """Unclipped ADOPT on the toy problem with every state format at every beta2 (the
     gradient stream, step size and projection of :func:`adopt.demo.toy.run_toy`)."""
@@ -197,6 +206,9 @@ def run_toy_state(steps: int, seeds: int, device: torch.device, progress: Option
     for p, g in zip(flat, grads):
         p.grad = g
     record_every = max(1, steps // _TOY_CHECKPOINTS)
+    half_v: dict[int, Tensor] = {}
+    # v of the second half of the run: does it still move (stalls under round-to-nearest)?
+    moved = {id(p): torch.zeros(seeds, dtype=torch.bool, device=device) for p in flat}
     recorded = [0]
     snapshots = [torch.stack([p.detach() for p in flat])]
     for t in range(steps):
@@ -215,6 +227,13 @@ def run_toy_state(steps: int, seeds: int, device: torch.device, progress: Option
         if (t + 1) % record_every == 0 or t + 1 == steps:
             recorded.append(t + 1)
             snapshots.append(torch.stack([p.detach() for p in flat]))
+        if t + 1 >= steps // 2:
+            for name, ps in params.items():
+                for p in ps:
+                    v = decoded_exp_avg_sq(optimizers[name], p)
+                    if id(p) in half_v:
+                        moved[id(p)] |= v != half_v[id(p)]
+                    half_v[id(p)] = v.clone()
         if progress is not None:
             progress(1)
     theta = torch.stack(snapshots).cpu().double()  # [checkpoints, variant * beta2, seeds]
@@ -230,6 +249,8 @@ def run_toy_state(steps: int, seeds: int, device: torch.device, progress: Option
                 "final_mean": float(final.mean()),
                 "final_std": float(final.std()) if seeds > 1 else 0.0,
                 "near_optimum": float(final.mean()) < NEAR_OPTIMUM,
+                # seeds whose v never changed in the second half of the run
+                "v_stalled_fraction": float((~moved[id(params[name][j])]).double().mean()),
             }
         results[name]["state_bytes_per_param"] = state_bytes_per_parameter(optimizers[name])
     for name in VARIANTS:
