@@ -100,3 +100,10 @@ def test_state_bytes_count_every_storage_once_and_skip_steps_and_seeds() -> None
     optimizer.state[q] = {"step": 3, "codes": torch.zeros(50, dtype=torch.uint8), "qmap": table}
     assert bench.state_nbytes(optimizer) == 150 + 1024
     assert bench.state_bytes_per_parameter(optimizer) == pytest.approx(1174 / 150)
+
+
+def test_help_explains_the_state_precision_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--state-precision" in out and "--min-8bit-size" in out and "Adam8bit" in out and "16 bytes" in out

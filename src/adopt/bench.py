@@ -132,6 +132,12 @@ default 96 MiB or 3x the last-level cache if larger) before every timed step and
 every timed add of the cold roofline. The flush is not timed. Cold rows are compared with
 the cold roofline and cold AdamW fused. Small cases, whose data fits in cache, are where
 the two differ most. The flush buffer stays in memory for the whole run.
+
+Optimizer state precision (--state-precision full,bf16,8bit): the ADOPT paths once per
+precision (rows adopt-fused/8bit, ...), each with the bytes of optimizer state per parameter
+measured from optimizer.state and its own roofline (28, 20 and 16 bytes per element moved
+for float32 parameters), "x full" against the same path in full precision, next to AdamW
+and, when installed, bitsandbytes' Adam8bit and torchao's AdamW8bit (skipped otherwise).
 """
 
 EPILOG = """\
@@ -142,6 +148,9 @@ examples:
   python -m adopt bench --device cuda         on the GPU (needs triton for adopt-fused)
   python -m adopt bench --quick --out b.json  a quick smoke run, results in b.json
   python -m adopt bench --cache cold          only the cache-cold steps (data in main memory)
+  python -m adopt bench --state-precision full,bf16,8bit --sizes 1024000:200
+                                              ADOPT with each optimizer state precision, its state
+                                              bytes per parameter, AdamW and installed 8-bit peers
 """
 
 
