@@ -88,6 +88,10 @@ STATE_PRECISIONS = ("full", "bf16", "8bit")
 # The ADOPT paths timed per state precision by default (--paths chooses others).
 STATE_DEFAULT_PATHS = ("adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused", *PEER_PATHS)
 DEFAULT_SIZES = "1M:200,50M:10"
+# With --state-precision: every tensor a multiple of 256 elements and at least 4096, so the
+# 8-bit peers (which keep other tensors in full precision) are 8-bit too.
+STATE_DEFAULT_SIZES = "1024000:200,10240000:10"
+STATE_QUICK_SIZES = "204800:50,2048000:4"
 QUICK_SIZES = "200k:50,2M:4"
 QUICK_REPEATS = 15  # enough for a median that means something, still seconds
 # adopt-fused-sr times the same step as adopt-fused except for 16-bit parameters, so the
@@ -279,7 +283,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="time the ADOPT paths once per optimizer state precision (full, bf16, 8bit; e.g. full,bf16,8bit), "
         "as rows adopt-fused/8bit ..., with the state bytes per parameter measured from optimizer.state and "
         "each row's own roofline (28/20/16 B per element in float32); default paths then: "
-        f"{', '.join(STATE_DEFAULT_PATHS)} (the last two only when installed)",
+        f"{', '.join(STATE_DEFAULT_PATHS)} (the last two only when installed), default sizes then: "
+        f"{STATE_DEFAULT_SIZES} (--quick: {STATE_QUICK_SIZES}; tensors of a multiple of 256 elements, at least 4096, "
+        "so the peers' state is 8-bit too)",
     )
     parser.add_argument(
         "--min-8bit-size", type=_non_negative_int, default=None, metavar="N",
@@ -815,7 +821,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if getattr(args, "state_precision", None):
+        cases = args.sizes or parse_sizes(STATE_QUICK_SIZES if args.quick else STATE_DEFAULT_SIZES)
+    else:
+        cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     dtype = DTYPES[args.dtype]
     flush_bytes = args.flush_mib * 2**20 if args.flush_mib is not None else default_flush_bytes(device)
     precisions = getattr(args, "state_precision", None)
