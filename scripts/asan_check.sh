@@ -14,7 +14,8 @@ never in place, then runs the kernel's tests against that build with the sanitiz
 preloaded into Python:
 
   tests/test_fused_cpu.py  tests/test_fused_cpu_step.py  tests/test_variants.py (the two-pass
-  cautious step)  tests/test_memory_safety.py (if present)
+  cautious step)  tests/test_fused_state_cpu.py (the low-memory state step and its checks)
+  tests/test_memory_safety.py (if present)
 
 Any sanitizer report (heap-buffer-overflow, use-after-free, misaligned load, signed
 overflow, ...) or failing test makes the exit status non-zero. The last line printed is a
@@ -210,7 +211,7 @@ echo "asan_check: sanitized kernel: $loaded_so"
 echo "asan_check: runtime: LD_PRELOAD=$libasan:$libstdcxx"
 
 # ---- 4. the tests ---------------------------------------------------------------------
-tests=(tests/test_fused_cpu.py tests/test_fused_cpu_step.py tests/test_variants.py)
+tests=(tests/test_fused_cpu.py tests/test_fused_cpu_step.py tests/test_variants.py tests/test_fused_state_cpu.py)
 [[ -f "$copy/tests/test_memory_safety.py" ]] && tests+=(tests/test_memory_safety.py)
 for t in "${tests[@]}"; do [[ -f "$copy/$t" ]] || die "missing $t in the copy"; done
 test_log="$work/pytest.log"

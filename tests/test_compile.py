@@ -259,3 +259,36 @@ def test_fused_cpu_op_names_a_param_of_another_dtype() -> None:
     lists = [params, *([torch.zeros_like(p) for p in params] for _ in range(3)), [torch.ones(()), torch.ones(())]]
     with pytest.raises(ValueError, match=re.escape("params[1] is torch.float64 but params[0] is torch.float32")):
         torch.ops.adopt.fused_adopt_cpu_(*lists, None, None, 1e-2, None, 0.9, 0.999, 0.0, 1e-6, False, False, 0.25, None, [])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+@pytest.mark.parametrize("path", ["single", "foreach", "single-capturable", "foreach-capturable"])
+def test_low_precision_state_compiles_as_one_graph_and_matches_eager(path: str, precision: str) -> None:
+    """state_precision "bf16"/"8bit": decoding, the rule and encoding with stochastic
+    rounding trace into one graph without recompiling, with the eager bits."""
+    kw = {**HP, **usable_paths()[path], "state_precision": precision, "min_8bit_size": 0}
+    counter = CompileCounter()
+    model, opt = _setup(**kw)
+    step = torch.compile(opt.step, backend=counter)
+    batches = _batches()
+    _train(model, opt, step, batches[:1])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _train(model, opt, step, batches[1:])
+    assert counter.frame_count == 1
+    _assert_params_equal(model, _eager_params(**kw))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+@pytest.mark.parametrize("path", ["single-capturable", "foreach-capturable"])
+def test_low_precision_step_body_compiles_with_fullgraph(path: str, precision: str) -> None:
+    kw = {**HP, **usable_paths()[path], "state_precision": precision, "min_8bit_size": 0}
+    model, opt = _setup(**kw)
+    general = inspect.unwrap(ADOPT._general_step)
+    body = torch.compile(functools.partial(general, opt, None, tried_fused=False), fullgraph=True, backend="eager")
+
+    def step() -> None:
+        with torch.no_grad():
+            body()
+
+    _train(model, opt, step, _batches())
+    _assert_params_equal(model, _eager_params(**kw))

@@ -39,7 +39,7 @@ def rounded_values(param: Tensor, exp_avg: Tensor, lr: Union[float, Tensor], dec
     x = param.float()
     if decay is not None:
         x.mul_(decay)
-    return x.sub_(exp_avg.float().mul_(lr))
+    return x.sub_(exp_avg.float() * lr)  # out of place: a float32 exp_avg is not a copy
 
 
 def write_rounded_(

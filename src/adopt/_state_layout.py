@@ -18,13 +18,13 @@ float32 and encoding with round-to-nearest (deterministic; no step is taken).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import _state_formats as formats
-from ._state_path import LOW_PRECISION_FORMATS, STATE_PARAM_DTYPES
+from ._state_path import LOW_PRECISION_FORMATS, STATE_PARAM_DTYPES, local_shard, scale_blocks, shard_rows
 
 __all__ = [
     "CODE_KEYS", "SCALE_KEYS", "LOW_PRECISION_FORMATS", "target_format", "same_storage", "layout_of", "check_param",
@@ -60,20 +60,48 @@ def layout_of(state: dict[str, Any], p: Tensor) -> str:
     return "full"
 
 
-def check_param(p: Tensor, fmt: str, where: str) -> None:
-    """ValueError unless a low-precision ``fmt`` can store ``p``'s moments."""
-    if fmt == "full":
+def check_param(p: Tensor, fmt: str, where: Callable[[], str]) -> None:
+    """ValueError (naming ``where()``) unless a low-precision ``fmt`` can store ``p``'s moments."""
+    if fmt == "full" or (type(p) in _PLAIN and p.dtype in STATE_PARAM_DTYPES):
         return
     if p.dtype not in STATE_PARAM_DTYPES:
         raise ValueError(
-            f"state_precision={fmt!r} stores the moments of float32, bfloat16 and float16 parameters; {where} is "
+            f"state_precision={fmt!r} stores the moments of float32, bfloat16 and float16 parameters; {where()} is "
             f"{p.dtype} (give it a param group with state_precision='full')"
         )
-    if type(p) not in (Tensor, torch.nn.Parameter):
+    try:
+        shard_rows(p)  # a DTensor in FSDP2's layout
+    except ValueError as exc:
+        raise ValueError(f"state_precision={fmt!r}: {where()}: {exc}") from None
+    if not _is_dtensor(p):
         raise ValueError(
-            f"state_precision={fmt!r} needs plain tensors; {where} is a {type(p).__name__} "
+            f"state_precision={fmt!r} needs plain tensors or FSDP2 DTensors; {where()} is a {type(p).__name__} "
             "(use state_precision='full' for it)"
         )
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    try:
+        return shard_rows(p) is not None
+    except ValueError:
+        return True
+
+
+def _like(p: Tensor, local: Tensor, length: Optional[int] = None) -> Tensor:
+    """``local`` (this rank's part) as a DTensor laid out like ``p`` (a scale tensor when
+    ``length`` is given: sharded evenly along its one dim), or itself for a plain ``p``."""
+    if shard_rows(p) is None:
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    if length is None:
+        return DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape,  # type: ignore[attr-defined]
+                                  stride=p.stride())
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size([length]), stride=(1,))
 
 
 def zero_moments(p: Tensor, fmt: str) -> dict[str, Tensor]:
@@ -81,23 +109,29 @@ def zero_moments(p: Tensor, fmt: str) -> dict[str, Tensor]:
     if fmt == "full":
         return {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    shard = local_shard(p)
     if fmt == "bf16":
-        return {key: torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device) for key in formats.MOMENTS}
+        return {key: _like(p, torch.zeros(shard.shape, dtype=torch.bfloat16, device=shard.device))
+                for key in formats.MOMENTS}
     moments: dict[str, Tensor] = {}
+    blocks = scale_blocks(p)
+    local_blocks = blocks // (p.device_mesh.size() if shard_rows(p) is not None else 1)  # type: ignore[attr-defined]
     for key in formats.MOMENTS:
-        q = formats.QuantizedMoment.empty(p.numel(), p.device)
-        moments[CODE_KEYS[key]] = q.codes.view(p.shape)
-        moments[SCALE_KEYS[key]] = q.scales
+        moments[CODE_KEYS[key]] = _like(p, torch.zeros(shard.shape, dtype=torch.uint8, device=shard.device))
+        moments[SCALE_KEYS[key]] = _like(p, torch.zeros(local_blocks, dtype=torch.float32, device=shard.device),
+                                         blocks)
     return moments
 
 
 def decoded(state: dict[str, Any], p: Tensor, key: str) -> Tensor:
     """Moment ``key`` of a state in any layout, as float32 values of ``p``'s shape (complex
-    parameters: complex64)."""
+    parameters: complex64); for an FSDP2 DTensor, of this rank's shard."""
+    shard = local_shard(p)
     if CODE_KEYS[key] in state:
-        q = formats.QuantizedMoment(state[CODE_KEYS[key]].reshape(-1), state[SCALE_KEYS[key]])
-        return formats.dequantize(q, key).view(p.shape)
-    value: Tensor = state[key]
+        codes = local_shard(state[CODE_KEYS[key]]).reshape(-1)
+        scales = local_shard(state[SCALE_KEYS[key]])[: -(-codes.numel() // formats.BLOCK_SIZE)]
+        return formats.dequantize(formats.QuantizedMoment(codes, scales), key).view(shard.shape)
+    value = local_shard(state[key])
     return value.to(torch.complex64 if value.is_complex() else torch.float32)
 
 
@@ -108,15 +142,17 @@ def converted(state: dict[str, Any], p: Tensor, fmt: str) -> dict[str, Any]:
     new = {k: v for k, v in state.items() if k not in formats.MOMENTS and k not in _QUANTIZED_KEYS}
     if fmt == "full":
         for key, value in moments.items():
-            new[key] = value.to(p.dtype).view(p.shape).clone(memory_format=torch.contiguous_format)
+            new[key] = _like(p, value.to(p.dtype).clone(memory_format=torch.contiguous_format))
     elif fmt == "bf16":
         for key, value in moments.items():
-            new[key] = value.to(torch.bfloat16).contiguous()
+            new[key] = _like(p, value.to(torch.bfloat16).contiguous())
     else:
+        fresh = zero_moments(p, "8bit")
         for key, value in moments.items():
-            q = formats.quantize(value.contiguous(), key)
-            new[CODE_KEYS[key]] = q.codes.view(p.shape)
-            new[SCALE_KEYS[key]] = q.scales
+            codes, scales = local_shard(fresh[CODE_KEYS[key]]), local_shard(fresh[SCALE_KEYS[key]])
+            used = scales[: -(-codes.numel() // formats.BLOCK_SIZE)]
+            formats.quantize(value.contiguous(), key, out=formats.QuantizedMoment(codes.view(-1), used))
+            new[CODE_KEYS[key]], new[SCALE_KEYS[key]] = fresh[CODE_KEYS[key]], fresh[SCALE_KEYS[key]]
     return new
 
 
@@ -129,7 +165,7 @@ def restore_quantized(state: dict[str, Any], saved: dict[str, Any], p: Tensor, w
     missing = [k for k in _QUANTIZED_KEYS if k not in saved]
     if missing:
         raise ValueError(f"loaded state of {where} has 8-bit moments without {', '.join(missing)}")
-    blocks = -(-p.numel() // formats.BLOCK_SIZE)
+    blocks = scale_blocks(p)
     for key in formats.MOMENTS:
         codes, scales = saved[CODE_KEYS[key]], saved[SCALE_KEYS[key]]
         if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.shape != p.shape:
@@ -142,7 +178,7 @@ def restore_quantized(state: dict[str, Any], saved: dict[str, Any], p: Tensor, w
                 f"loaded state of {where} does not fit it: its {SCALE_KEYS[key]} is {_describe(scales)}, expected "
                 f"float32 of shape ({blocks},) (one per block of {formats.BLOCK_SIZE})"
             )
-        bad = _invalid_scales(scales, formats.FORMATS[key])
+        bad = _invalid_scales(local_shard(scales), formats.FORMATS[key])
         if bad is not None:
             raise ValueError(
                 f"loaded state of {where} is corrupt: {SCALE_KEYS[key]}[{bad}] = {float(scales[bad])!r} is not a "
@@ -158,7 +194,7 @@ def _invalid_scales(scales: Tensor, fmt: formats.CodeFormat) -> Optional[int]:
     bits = scales.detach().cpu().view(torch.int32).to(torch.int64)
     field = (bits >> 23) & 0xFF
     power = ((bits & 0x807FFFFF) == 0) & (field >= fmt.min_exponent_field) & (field <= 254)
-    ok = power | (bits == 0) | torch.isnan(scales.detach().cpu())
+    ok = power | (bits == 0) | torch.isnan(scales.detach().cpu())  # (a rank checks its own shard)
     if bool(ok.all()):
         return None
     return int((~ok).nonzero()[0, 0])

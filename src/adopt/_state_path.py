@@ -6,7 +6,7 @@ Per tensor, with ``s`` its step count before the step and ``seed`` its ``state["
 1. decode the stored moments to float32 ``m`` and ``v`` (8-bit ``v`` is ``u * u``, exact, so
    the full-precision rule's ``sqrt(v)`` gives back the stored ``u``);
 2. apply the full-precision rule of :mod:`adopt._single_tensor` to the parameter, its
-   gradient and these float32 moments (every option included);
+   gradient in float32 and these float32 moments (every option included);
 3. encode both moments again with stochastic rounding, keys
    ``state_key(seed, s, "exp_avg")`` and ``state_key(seed, s, "exp_avg_sq")``; every step
    re-encodes both (at ``s == 0``, where ``m`` is unchanged, that gives back its codes).
@@ -19,7 +19,8 @@ do the same in one pass over memory without the copies.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import operator
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -30,7 +31,8 @@ from ._fused import _cpu_kernel, _warn_fallback_once, fused_cuda_available
 from ._single_tensor import single_tensor_adopt
 from .schedules import ClipSchedule, PowerClip, device_thresholds
 
-__all__ = ["state_adopt", "check_state_tensors", "LOW_PRECISION_FORMATS", "STATE_PARAM_DTYPES"]
+__all__ = ["state_adopt", "check_state_tensors", "scale_blocks", "local_shard", "LOW_PRECISION_FORMATS",
+           "STATE_PARAM_DTYPES"]
 
 LOW_PRECISION_FORMATS = ("bf16", "8bit")
 # Parameter dtypes whose moments can be stored in low precision (the arithmetic is float32).
@@ -41,6 +43,56 @@ STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DECODE_BUDGET = 1 << 22
 
 _Key = Union[int, Tensor]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if type(t) in (Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_rows(p: Tensor) -> Optional[int]:
+    """For a DTensor sharded along dim 0 over a 1-D mesh (FSDP2's layout), the number of rows
+    of its largest shard; None for a plain tensor. ValueError for any other DTensor layout."""
+    if not _is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements = p.placements  # type: ignore[attr-defined]
+    if p.device_mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):  # type: ignore[attr-defined]
+        raise ValueError(
+            "low-precision state of a DTensor needs it sharded along dim 0 over a 1-D mesh (FSDP2's layout), "
+            f"got placements {placements}"
+        )
+    world = p.device_mesh.size()  # type: ignore[attr-defined]
+    return -(-p.shape[0] // world) if p.dim() else 1
+
+
+def scale_blocks(p: Tensor) -> int:
+    """The length of one moment's scale tensor for ``p``: one per block of its elements; for
+    an FSDP2 DTensor, each rank's shard has as many as the largest shard needs (the global
+    length is that times the world size, so it shards evenly), the first
+    ``ceil(local numel / 256)`` of them in use."""
+    rows = shard_rows(p)
+    if rows is None:
+        return -(-p.numel() // formats.BLOCK_SIZE)
+    row_numel = p[0].numel() if p.dim() else 1
+    return p.device_mesh.size() * -(-(rows * row_numel) // formats.BLOCK_SIZE)  # type: ignore[attr-defined]
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the tensor itself, not an autograd view), else ``t``."""
+    if not _is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()  # type: ignore[attr-defined, no-any-return]
+
+
+def _used_scales(scales: Tensor, shard: Tensor) -> Tensor:
+    """The part of a local scale tensor that the local shard's blocks use."""
+    return scales[: -(-shard.numel() // formats.BLOCK_SIZE)]
 
 
 def check_state_tensors(
@@ -71,8 +123,11 @@ def check_state_tensors(
         lists += [exp_avg_scales, exp_avg_sq_scales]
     if any(len(ts) != n for ts in lists):
         raise ValueError(f"the tensor lists have different lengths: {[n] + [len(ts) for ts in lists]}")
-    where = name or "params[{}]".format
     code_dtype = torch.uint8 if fmt == "8bit" else torch.bfloat16
+    if _plainly_valid(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds,
+                      code_dtype):
+        return
+    where = name or "params[{}]".format
     for i, p in enumerate(params):
         if not isinstance(p, Tensor) or p.dtype not in STATE_PARAM_DTYPES:
             got = p.dtype if isinstance(p, Tensor) else type(p).__name__
@@ -83,11 +138,13 @@ def check_state_tensors(
         g = grads[i]
         if not isinstance(g, Tensor) or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             raise RuntimeError(f"ADOPT: {where(i)} is {_describe(p)}, but its grad is {_describe(g)}")
-        entries = [("exp_avg", exp_avgs[i], code_dtype, p.shape), ("exp_avg_sq", exp_avg_sqs[i], code_dtype, p.shape)]
+        entries: list[tuple[str, Any, torch.dtype, tuple[int, ...]]] = [
+            ("exp_avg", exp_avgs[i], code_dtype, p.shape), ("exp_avg_sq", exp_avg_sqs[i], code_dtype, p.shape)]
         if fmt == "8bit":
-            blocks = (-(-p.numel() // formats.BLOCK_SIZE),)
-            entries += [("exp_avg scales", exp_avg_scales[i], torch.float32, blocks),  # type: ignore[index]
-                        ("exp_avg_sq scales", exp_avg_sq_scales[i], torch.float32, blocks)]  # type: ignore[index]
+            blocks = (scale_blocks(p),)
+            assert exp_avg_scales is not None and exp_avg_sq_scales is not None
+            entries += [("exp_avg scales", exp_avg_scales[i], torch.float32, blocks),
+                        ("exp_avg_sq scales", exp_avg_sq_scales[i], torch.float32, blocks)]
         for key, t, dtype, shape in entries:
             if (not isinstance(t, Tensor) or t.dtype != dtype or t.shape != shape or t.device != p.device
                     or not t.is_contiguous()):
@@ -100,6 +157,53 @@ def check_state_tensors(
             raise RuntimeError(f"ADOPT: the step of {where(i)} must be a one-element tensor")
         if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype != torch.int64:
             raise RuntimeError(f"ADOPT: the seed of {where(i)} must be a one-element int64 tensor")
+
+
+_PLAIN = {Tensor, torch.nn.Parameter}
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+_device = operator.attrgetter("device")
+
+
+def _plainly_valid(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: Optional[list[Tensor]],
+    exp_avg_sq_scales: Optional[list[Tensor]],
+    state_steps: list[Tensor],
+    seeds: list[Tensor],
+    code_dtype: torch.dtype,
+) -> bool:
+    """The common case of :func:`check_state_tensors` in C-level ``map`` calls: plain tensors
+    that pass every check (False: the per-tensor checks then find and word the problem)."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds]
+    if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+        lists += [exp_avg_scales, exp_avg_sq_scales]
+    if not all(set(map(type, ts)) <= _PLAIN for ts in lists):
+        return False
+    if not set(map(_dtype, params)) <= set(STATE_PARAM_DTYPES) or set(map(_dtype, seeds)) - {torch.int64}:
+        return False
+    dtypes, shapes, devices = list(map(_dtype, params)), list(map(_shape, params)), list(map(_device, params))
+    if list(map(_dtype, grads)) != dtypes or list(map(_shape, grads)) != shapes:
+        return False
+    for ts in (grads, exp_avgs, exp_avg_sqs):
+        if list(map(_device, ts)) != devices:
+            return False
+    for ts in (exp_avgs, exp_avg_sqs):
+        if (set(map(_dtype, ts)) - {code_dtype} or list(map(_shape, ts)) != shapes
+                or not all(map(Tensor.is_contiguous, ts))):
+            return False
+    if set(map(Tensor.numel, state_steps)) - {1} or set(map(Tensor.numel, seeds)) - {1}:
+        return False
+    if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+        blocks = [(-(-n // formats.BLOCK_SIZE),) for n in map(Tensor.numel, params)]
+        for scales in (exp_avg_scales, exp_avg_sq_scales):
+            if (set(map(_dtype, scales)) - {torch.float32} or list(map(tuple, map(_shape, scales))) != blocks
+                    or list(map(_device, scales)) != devices or not all(map(Tensor.is_contiguous, scales))):
+                return False
+    return True
 
 
 def _describe(t: object) -> str:
@@ -136,22 +240,31 @@ def state_adopt(
     nesterov: bool = False,
     caution: bool = False,
     lr_max: Optional[float] = None,
+    checked: bool = False,
 ) -> None:
     """One step of tensors whose moments are stored as ``fmt`` (module docstring), on
-    ``path`` ("single", "foreach" or "fused"). The lists must pass :func:`check_state_tensors`.
-    ``stochastic_rounding``: bfloat16/float16 parameters are written back with stochastic
-    rounding (``seeds`` serve both)."""
-    check_state_tensors(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
-                        seeds, fmt)
+    ``path`` ("single", "foreach" or "fused"). The lists must pass :func:`check_state_tensors`
+    (``checked``: the caller has just run it). ``stochastic_rounding``: bfloat16/float16
+    parameters are written back with stochastic rounding (``seeds`` serve both)."""
+    if not checked:
+        check_state_tensors(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps,
+                            seeds, fmt)
     if not params:
         return
-    hyper = dict(beta1=beta1, beta2=beta2, lr=lr, clip_lambda=clip_lambda, weight_decay=weight_decay,
+    if any(map(_is_dtensor, params)):
+        # FSDP2: every rank encodes its own shard as a tensor of its own (local element index).
+        params, grads, exp_avgs, exp_avg_sqs = ([local_shard(t) for t in ts] for ts in (params, grads, exp_avgs,
+                                                                                          exp_avg_sqs))
+        if exp_avg_scales is not None and exp_avg_sq_scales is not None:
+            exp_avg_scales = [_used_scales(local_shard(t), p) for t, p in zip(exp_avg_scales, params)]
+            exp_avg_sq_scales = [_used_scales(local_shard(t), p) for t, p in zip(exp_avg_sq_scales, params)]
+    hyper: dict[str, Any] = dict(beta1=beta1, beta2=beta2, lr=lr, clip_lambda=clip_lambda, weight_decay=weight_decay,
                  decouple=decouple, eps=eps, maximize=maximize, capturable=capturable, nesterov=nesterov,
                  caution=caution, lr_max=lr_max)
     if path == "fused":
         lists = (params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds)
         if fused_state_available(params):
-            _fused(*lists, grad_scale, found_inf, fmt=fmt, stochastic_rounding=stochastic_rounding, **hyper)
+            _fused(lists, grad_scale, found_inf, fmt=fmt, stochastic_rounding=stochastic_rounding, **hyper)
             return
         _warn_fallback_once("fused=True runs the foreach path for low-precision state instead")
         if found_inf is not None and float(found_inf) != 0.0:
@@ -169,7 +282,9 @@ def state_adopt(
     for chunk in _chunks(params, 1 if path == "single" else _DECODE_BUDGET):
         moments = [_decode(i, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, fmt) for i in chunk]
         inner(
-            [params[i] for i in chunk], [grads[i] for i in chunk], [m for m, _ in moments], [v for _, v in moments],
+            # float32 gradients: the rule runs in float32 (g * g of a float16 gradient would underflow).
+            [params[i] for i in chunk], [grads[i].float() for i in chunk], [m for m, _ in moments],
+            [v for _, v in moments],
             [state_steps[i] for i in chunk], None, None, has_complex=False, differentiable=False,
             seeds=[seeds[i] for i in chunk] if stochastic_rounding else None, **hyper,
         )
@@ -188,35 +303,17 @@ def fused_state_available(params: list[Tensor]) -> bool:
 
 
 def _fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    exp_avg_scales: Optional[list[Tensor]],
-    exp_avg_sq_scales: Optional[list[Tensor]],
-    state_steps: list[Tensor],
-    seeds: list[Tensor],
+    lists: tuple[Optional[list[Tensor]], ...],
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
     *,
-    fmt: str,
-    stochastic_rounding: bool,
-    beta1: float,
-    beta2: float,
-    lr: Union[float, Tensor],
-    clip_lambda: Optional[ClipSchedule],
-    weight_decay: float,
-    decouple: bool,
-    eps: float,
-    maximize: bool,
     capturable: bool,
-    nesterov: bool,
-    caution: bool,
-    lr_max: Optional[float],
+    **hyper: Any,
 ) -> None:
-    """The fused kernels: the CPU tensors in one C call, each CUDA device and dtype in one
-    Triton launch sequence."""
-    lists = [params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps, seeds]
+    """The fused kernels on ``lists`` (state_adopt's eight lists): the CPU tensors in one C
+    call, each CUDA device and dtype in one Triton launch sequence (``hyper``: state_adopt's
+    keywords; the kernels keep steps on the device, so ``capturable`` changes nothing)."""
+    params = cast(list[Tensor], lists[0])
 
     def pick(indices: list[int]) -> list[Optional[list[Tensor]]]:
         return [None if ts is None else [ts[i] for i in indices] for ts in lists]
@@ -229,15 +326,12 @@ def _fused(
     if cpu:
         from ._fused_state import fused_state_cpu
 
-        fused_state_cpu(*pick(cpu), grad_scale, found_inf, fmt=fmt, beta1=beta1, beta2=beta2, lr=lr,
-                        clip_lambda=clip_lambda, weight_decay=weight_decay, decouple=decouple, eps=eps,
-                        maximize=maximize, stochastic_rounding=stochastic_rounding, nesterov=nesterov,
-                        caution=caution, lr_max=lr_max)
+        ps, gs, ms, vs, m_scales, v_scales, steps, seeds = pick(cpu)
+        fused_state_cpu(cast(list[Tensor], ps), cast(list[Tensor], gs), cast(list[Tensor], ms),
+                        cast(list[Tensor], vs), m_scales, v_scales, cast(list[Tensor], steps),
+                        cast(list[Tensor], seeds), grad_scale, found_inf, **hyper)
     for (device, _), indices in by_device.items():
-        _launch_cuda(pick(indices), device, grad_scale, found_inf, fmt=fmt, beta1=beta1, beta2=beta2, lr=lr,
-                     clip_lambda=clip_lambda, weight_decay=weight_decay, decouple=decouple, eps=eps,
-                     maximize=maximize, stochastic_rounding=stochastic_rounding, nesterov=nesterov,
-                     caution=caution, lr_max=lr_max)
+        _launch_cuda(pick(indices), device, grad_scale, found_inf, **hyper)
 
 
 def _launch_cuda(
@@ -249,7 +343,7 @@ def _launch_cuda(
     fmt: str,
     clip_lambda: Optional[ClipSchedule],
     lr: Union[float, Tensor],
-    **hyper: object,
+    **hyper: Any,
 ) -> None:
     """One Triton launch sequence for a CUDA device and dtype; nothing synchronises."""
     from ._kernels import triton_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any, Callable, Optional, Union, cast
 
@@ -197,6 +198,8 @@ class ADOPT(Optimizer):
                 group["lr_max"] = _number(group["lr"])
             for p in group["params"]:
                 p_state = self.state.get(p, {})
+                if p_state and layout.layout_of(p_state, p) != "full":
+                    self._low_precision_seen = True  # full groups then check their layouts
                 step = p_state.get("step")
                 if step is None:
                     continue  # no state (or no step: load_state_dict reports it)
@@ -213,14 +216,19 @@ class ADOPT(Optimizer):
         State dicts of other ADOPT implementations (timm's ``Adopt``, pytorch_optimizer's
         ``ADOPT``) are translated first, and a setting missing from a saved group takes the
         value this optimizer was constructed with (see ``adopt._checkpoint`` and
-        docs/api.md); a saved setting ADOPT cannot honour is a ValueError naming it. State
+        docs/api.md); a saved setting ADOPT cannot honour is a ValueError naming it.
+        ``state_precision`` and ``min_8bit_size`` stay as this optimizer has them: the loaded
+        moments are converted to its storage (docs/state-precision.md). State
         saved for another model is reported here, naming the parameter, rather than by a
         later ``step()`` that could fail halfway through the param groups. On error the
         optimizer keeps the state it had.
         """
         translated, clip = translate_state_dict(state_dict, self.param_groups, frozenset(self.defaults))
         previous = self.__getstate__()  # load_state_dict installs new objects; these stay intact
+        storage = [(g["state_precision"], g["min_8bit_size"]) for g in self.param_groups]
         super().load_state_dict(translated)
+        for group, (precision, min_size) in zip(self.param_groups, storage):
+            group["state_precision"], group["min_8bit_size"] = precision, min_size
         try:
             for g_idx, group in enumerate(self.param_groups):
                 _validate_options(group, f"loaded state_dict, param_groups[{g_idx}]: ")
@@ -258,7 +266,7 @@ class ADOPT(Optimizer):
             params = [p for p in group["params"] if self.state.get(p)]
             if group["state_precision"] != "full" or any(layout.layout_of(self.state[p], p) != "full" for p in params):
                 for p in params:
-                    layout.check_param(p, layout.target_format(group, p), self._where_param(group, p))
+                    layout.check_param(p, layout.target_format(group, p), functools.partial(self._where_param, group, p))
                 self._conform(group, params, [self.state[p] for p in params])
 
     def _restore_seed(self, p: Tensor, seed: object, where: str) -> None:
@@ -287,9 +295,13 @@ class ADOPT(Optimizer):
         exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
         seeds: Optional[list[Tensor]] = None,
-    ) -> bool:
+        exp_avg_scales: Optional[list[Tensor]] = None,
+        exp_avg_sq_scales: Optional[list[Tensor]] = None,
+    ) -> Union[bool, tuple[bool, int, int]]:
         """Fill the lists with the group's parameters that have gradients and their state
         (``seeds``: with stochastic rounding, each one's ``state["seed"]``, created if missing).
+        A group with low-precision state is filled by :meth:`_init_low_precision_group`
+        instead (whose return value is a tuple).
 
         Validates first (an error names the parameter), then creates missing state, then
         checks that every gradient and state tensor matches its parameter (shape, dtype,
@@ -298,6 +310,10 @@ class ADOPT(Optimizer):
         than tracing it, so it may use C-level ``map``: for many small tensors this loop, not
         the arithmetic, bounds the step time.
         """
+        if group["state_precision"] != "full":
+            assert seeds is not None and exp_avg_scales is not None and exp_avg_sq_scales is not None
+            return self._init_low_precision_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds,
+                                                  exp_avg_scales, exp_avg_sq_scales)
         all_params = group["params"]
         all_grads = [p.grad for p in all_params]
         params.extend([p for p, g in zip(all_params, all_grads) if g is not None])
@@ -326,20 +342,30 @@ class ADOPT(Optimizer):
             seeds.extend(self._seeds(params, ready))
         return any(map(Tensor.is_complex, params))
 
-    def _init_low_precision_group(self, group: dict[str, Any]) -> list[tuple[str, list[Any], bool]]:
-        """A group with ``state_precision`` "bf16" or "8bit": its parameters with gradients,
-        split by how their state is stored, as ``(format, lists, has_complex)`` calls.
+    def _init_low_precision_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        seeds: list[Tensor],
+        exp_avg_scales: list[Tensor],
+        exp_avg_sq_scales: list[Tensor],
+    ) -> tuple[bool, int, int]:
+        """:meth:`_init_group` of a group with ``state_precision`` "bf16" or "8bit".
 
-        "full" (tensors under ``min_8bit_size``): the lists of :meth:`_init_group`;
-        "bf16"/"8bit": params, grads, exp_avgs, exp_avg_sqs (codes for "8bit"), exp_avg
-        scales, exp_avg_sq scales (None for "bf16"), steps and seeds. Creates missing state,
+        The lists are filled in the order of the storage formats: first ``n_full`` tensors
+        with full-precision state (those under ``min_8bit_size``), then ``n_bf16`` with
+        bfloat16 moments, then the rest with 8-bit codes in ``exp_avgs``/``exp_avg_sqs`` and
+        their scales in the two scale lists; ``seeds`` for all. Creates missing state,
         converts state stored in another layout (recorded for a failed step's rollback), then
-        checks every tensor.
+        checks every tensor. Returns ``(has_complex, n_full, n_bf16)``.
         """
         all_params = group["params"]
-        params = [p for p in all_params if p.grad is not None]
-        grads = [cast(Tensor, p.grad) for p in params]
-        if any(g.is_sparse for g in grads):
+        with_grad = [p for p in all_params if p.grad is not None]
+        if any(cast(Tensor, p.grad).is_sparse for p in with_grad):
             p_idx = next(i for i, p in enumerate(all_params) if p.grad is not None and p.grad.is_sparse)
             raise RuntimeError(
                 "ADOPT does not support sparse gradients, please consider SparseAdam instead: "
@@ -347,43 +373,61 @@ class ADOPT(Optimizer):
             )
         if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        wanted = [layout.target_format(group, p) for p in params]
-        for p, fmt in zip(params, wanted):
-            layout.check_param(p, fmt, self._where_param(group, p))
-        states: list[Optional[dict[str, Any]]] = [state or None for state in map(self.state.get, params)]
+        wanted = {p: layout.target_format(group, p) for p in with_grad}
+        for p in with_grad:
+            layout.check_param(p, wanted[p], functools.partial(self._where_param, group, p))
+        order = {"full": 0, "bf16": 1, "8bit": 2}
+        ordered = sorted(with_grad, key=lambda p: order[wanted[p]])  # stable: the group's order within a format
+        states: list[Optional[dict[str, Any]]] = [state or None for state in map(self.state.get, ordered)]
         if None in states:
-            self._create_state(group, params, states)
-        self._conform(group, params, states)
+            self._create_state(group, ordered, states)
+        self._conform(group, ordered, states)
         ready = cast(list[dict[str, Any]], states)
-        seeds = self._seeds(params, ready)
-        calls: list[tuple[str, list[Any], bool]] = []
-        full = [i for i, fmt in enumerate(wanted) if fmt == "full"]
-        if full:
-            lists: list[list[Tensor]] = [[params[i] for i in full], [grads[i] for i in full],
-                                         [ready[i]["exp_avg"] for i in full], [ready[i]["exp_avg_sq"] for i in full],
-                                         [ready[i]["step"] for i in full], [seeds[i] for i in full]]
-            check_tensors(*lists[:5], name=lambda i: self._where_param(group, lists[0][i]))
-            calls.append(("full", lists, any(p.is_complex() for p in lists[0])))
-        for fmt in layout.LOW_PRECISION_FORMATS:
-            chosen = [i for i, f in enumerate(wanted) if f == fmt]
-            if not chosen:
-                continue
-            if fmt == "8bit":
-                m = [ready[i][layout.CODE_KEYS["exp_avg"]] for i in chosen]
-                v = [ready[i][layout.CODE_KEYS["exp_avg_sq"]] for i in chosen]
-                m_scales: Optional[list[Tensor]] = [ready[i][layout.SCALE_KEYS["exp_avg"]] for i in chosen]
-                v_scales: Optional[list[Tensor]] = [ready[i][layout.SCALE_KEYS["exp_avg_sq"]] for i in chosen]
+        params.extend(ordered)
+        grads.extend(cast(Tensor, p.grad) for p in ordered)
+        seeds.extend(self._seeds(ordered, ready))
+        state_steps.extend(state["step"] for state in ready)
+        for p, state in zip(ordered, ready):
+            if wanted[p] == "8bit":
+                exp_avgs.append(state[layout.CODE_KEYS["exp_avg"]])
+                exp_avg_sqs.append(state[layout.CODE_KEYS["exp_avg_sq"]])
+                exp_avg_scales.append(state[layout.SCALE_KEYS["exp_avg"]])
+                exp_avg_sq_scales.append(state[layout.SCALE_KEYS["exp_avg_sq"]])
             else:
-                m = [ready[i]["exp_avg"] for i in chosen]
-                v = [ready[i]["exp_avg_sq"] for i in chosen]
-                m_scales = v_scales = None
-            chosen_params = [params[i] for i in chosen]
-            steps = [ready[i]["step"] for i in chosen]
-            chosen_seeds = [seeds[i] for i in chosen]
-            check_state_tensors(chosen_params, [grads[i] for i in chosen], m, v, m_scales, v_scales, steps,
-                                chosen_seeds, fmt, name=lambda i: self._where_param(group, chosen_params[i]))
-            calls.append((fmt, [chosen_params, [grads[i] for i in chosen], m, v, m_scales, v_scales, steps,
-                                chosen_seeds], False))
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+        n_full = sum(1 for p in ordered if wanted[p] == "full")
+        n_bf16 = sum(1 for p in ordered if wanted[p] == "bf16")
+        def where(i: int) -> str:
+            return self._where_param(group, params[i])
+
+        check_tensors(params[:n_full], grads[:n_full], exp_avgs[:n_full], exp_avg_sqs[:n_full], state_steps[:n_full],
+                      name=where)
+        for fmt, begin, end in (("bf16", n_full, n_full + n_bf16), ("8bit", n_full + n_bf16, len(params))):
+            if begin == end:
+                continue
+            eight_bit = fmt == "8bit"
+            check_state_tensors(params[begin:end], grads[begin:end], exp_avgs[begin:end], exp_avg_sqs[begin:end],
+                                exp_avg_scales if eight_bit else None, exp_avg_sq_scales if eight_bit else None,
+                                state_steps[begin:end], seeds[begin:end], fmt,
+                                name=functools.partial(_offset_name, where, begin))
+        return any(p.is_complex() for p in params[:n_full]), n_full, n_bf16
+
+    def _low_precision_calls(self, group: dict[str, Any]) -> list[tuple[dict[str, Any], str, list[Any], bool]]:
+        """A low-precision group's tensors as one call per storage format."""
+        lists: list[list[Tensor]] = [[] for _ in range(8)]
+        params, grads, exp_avgs, exp_avg_sqs, steps, seeds, m_scales, v_scales = lists
+        has_complex, n_full, n_bf16 = cast(tuple[bool, int, int], self._init_group(group, *lists))
+        calls: list[tuple[dict[str, Any], str, list[Any], bool]] = []
+        if n_full:
+            calls.append((group, "full", [ts[:n_full] for ts in lists[:6]], has_complex))
+        end = n_full + n_bf16
+        if n_bf16:
+            calls.append((group, "bf16", [ts[n_full:end] for ts in lists[:4]] + [None, None, steps[n_full:end],
+                                                                              seeds[n_full:end]], False))
+        if len(params) > end:
+            calls.append((group, "8bit", [ts[end:] for ts in lists[:4]] + [m_scales, v_scales, steps[end:],
+                                                                        seeds[end:]], False))
         return calls
 
     def _conform(self, group: dict[str, Any], params: list[Tensor], states: list[Optional[dict[str, Any]]]) -> None:
@@ -467,10 +511,10 @@ class ADOPT(Optimizer):
         try:
             for group in self.param_groups:
                 if group["state_precision"] != "full":
-                    prepared.extend((group, *call) for call in self._init_low_precision_group(group))
+                    prepared.extend(self._low_precision_calls(group))
                     continue
                 lists: list[list[Tensor]] = [[], [], [], [], [], []]
-                has_complex = self._init_group(group, *lists)
+                has_complex = cast(bool, self._init_group(group, *lists))
                 prepared.append((group, "full", lists, has_complex))
         except Exception:
             for p_state in self._seeded:
@@ -559,14 +603,20 @@ class ADOPT(Optimizer):
             if path == "fused" and not fused_state_available(params):
                 path = "foreach"
         beta1, beta2 = group["betas"]
+        params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds = lists
         state_adopt(
-            *lists, grad_scale if path == "fused" else None, found_inf if path == "fused" else None,
+            params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds,
+            grad_scale if path == "fused" else None, found_inf if path == "fused" else None,
             fmt=fmt, path=path, beta1=beta1, beta2=beta2, lr=group["lr"], clip_lambda=self.clip_lambda,
             weight_decay=group["weight_decay"], decouple=group["decouple"], eps=group["eps"],
             maximize=group["maximize"], capturable=group["capturable"],
             stochastic_rounding=group["stochastic_rounding"], nesterov=group["nesterov"], caution=group["caution"],
-            lr_max=group["lr_max"] if group["corrected_weight_decay"] else None,
+            lr_max=group["lr_max"] if group["corrected_weight_decay"] else None, checked=True,
         )
+
+
+def _offset_name(name: Callable[[int], str], offset: int, i: int) -> str:
+    return name(offset + i)
 
 
 def _step_device(group: dict[str, Any], p: Tensor) -> torch.device:

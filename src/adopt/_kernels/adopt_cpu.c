@@ -358,18 +358,14 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
 /* Elements counted per moment_* call: its 32-bit count cannot wrap. */
 #define ADOPT_COUNT_PIECE ((int64_t)1 << 31)
 
-/* One pass over the elements [lo, hi) of the index space; inlined into a function per pass,
- * so each compiles only its own loops. */
-ADOPT_INLINE void range_pass(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi,
-                             const pass_t pass) {
-    const int64_t n = a->n_tensors;
-    const int l2_on = a->weight_decay != 0.0 && !a->decouple;
-    const int nesterov = a->nesterov != 0;
+/* The step's coefficients in the compute types (shared by the full-precision and the
+ * low-memory-state steps, so both round them alike). */
+ADOPT_INLINE void step_coefs(const adopt_cpu_args *a, coef_double *kd, coef_float *kf) {
     /* Corrected weight decay: the decay's lr is lr * lr / lr_max (adopt/_variants.py). */
     const double decay_lr = a->lr_max > 0.0 ? a->lr * a->lr / a->lr_max : a->lr;
     double gscale = a->grad_scale != NULL ? 1.0 / (double)*a->grad_scale : 1.0;
     if (a->maximize) gscale = -gscale;
-    const coef_double kd = {
+    const coef_double d = {
         .gscale = gscale,
         .l2 = a->weight_decay,
         .decay = a->decouple ? 1.0 - decay_lr * a->weight_decay : 1.0,
@@ -379,16 +375,30 @@ ADOPT_INLINE void range_pass(const adopt_cpu_args *a, tensor_info *info, int64_t
         .b2c = 1.0 - a->beta2,
         .eps = a->eps,
     };
-    const coef_float kf = {
-        .gscale = (float)kd.gscale,
-        .l2 = (float)kd.l2,
-        .decay = (float)kd.decay,
-        .lr = (float)kd.lr,
-        .b1c = (float)kd.b1c,
-        .b2 = (float)kd.b2,
-        .b2c = (float)kd.b2c,
-        .eps = (float)kd.eps,
+    const coef_float f = {
+        .gscale = (float)d.gscale,
+        .l2 = (float)d.l2,
+        .decay = (float)d.decay,
+        .lr = (float)d.lr,
+        .b1c = (float)d.b1c,
+        .b2 = (float)d.b2,
+        .b2c = (float)d.b2c,
+        .eps = (float)d.eps,
     };
+    *kd = d;
+    *kf = f;
+}
+
+/* One pass over the elements [lo, hi) of the index space; inlined into a function per pass,
+ * so each compiles only its own loops. */
+ADOPT_INLINE void range_pass(const adopt_cpu_args *a, tensor_info *info, int64_t lo, int64_t hi,
+                             const pass_t pass) {
+    const int64_t n = a->n_tensors;
+    const int l2_on = a->weight_decay != 0.0 && !a->decouple;
+    const int nesterov = a->nesterov != 0;
+    coef_double kd;
+    coef_float kf;
+    step_coefs(a, &kd, &kf);
 
     /* Last tensor whose offset is <= lo. */
     int64_t left = 0, right = n - 1;
@@ -580,4 +590,450 @@ int adopt_cpu_has_openmp(void) {
 #else
     return 0;
 #endif
+}
+
+/* ==== low-memory optimizer state: "bf16" and "8bit" moments (adopt/_state_formats.py) ====
+ *
+ * The work is cut into blocks of ADOPT_STATE_BLOCK elements (the 8-bit format's blocks; the
+ * last block of a tensor may be shorter) and the blocks of all tensors into one contiguous
+ * range per thread. Per block, one vectorised loop decodes m and v (bit arithmetic, no
+ * table: the codes are small floats whose bits are the code shifted into place), applies
+ * the full-precision rule exactly as update_/apply_ do it on float32 moments, writes the
+ * parameter and keeps the new m and u = sqrt(v) in a stack buffer with their block maxima
+ * (integer max of the magnitude bits: NaN above infinity); a second loop encodes them with
+ * the block's power-of-two scale, on integer bits only (no division). bf16 moments are
+ * rounded in the first loop. Results do not depend on the number of threads.
+ */
+
+#define ADOPT_STREAM_EXP_AVG_SQ 1u
+#define ADOPT_STREAM_EXP_AVG 2u
+
+/* _random.step_key: the key of a tensor's step on one stream. */
+ADOPT_INLINE uint32_t stream_key(int64_t seed, uint32_t stream, uint32_t step) {
+    return mix32(mix32((uint32_t)seed ^ (stream * ADOPT_GOLDEN)) ^ step);
+}
+
+/* value(code) at scale 1: m signed E3M4 (e = 0 is the subnormal range f * 2^-10), u unsigned
+ * E4M4 (every code normal). Both exact. */
+ADOPT_INLINE float dec_m8(uint32_t c) {
+    const uint32_t q = c & 0x7Fu;
+    const float sub = (float)(int32_t)q * 0x1p-10f; /* used for q < 16 only: q == f */
+    const uint32_t mag = select_u32(q >= 16u, (q + (120u << 4)) << 19, f32_to_bits(sub));
+    return bits_to_f32(mag | ((c & 0x80u) << 24));
+}
+
+ADOPT_INLINE float dec_u8(uint32_t c) { return bits_to_f32((c + (112u << 4)) << 19); }
+
+/* The scale of a block from its largest magnitude's bits (NaN above infinity): NaN for a
+ * non-finite block, 0 for an all-zero one (*field = 0: every code 0), else 2^(B - 127). */
+static inline float state_scale(uint32_t amax, uint32_t b_min, uint32_t *field) {
+    if (amax >= 0x7F800000u) {
+        *field = 0;
+        return bits_to_f32(0x7FC00000u);
+    }
+    if (amax == 0u) {
+        *field = 0;
+        return 0.0f;
+    }
+    uint32_t b = (amax + (1u << 19) - 1u) >> 23; /* rounded up to 4 mantissa bits */
+    b = b < b_min ? b_min : b > 254u ? 254u : b;
+    *field = b;
+    return bits_to_f32(b << 23);
+}
+
+/* Codes of x (float32 bits) with random word r in a block whose code exponent 0 has float32
+ * exponent field o (m: B - 7, u: B - 15), as _state_formats.encode. */
+ADOPT_INLINE uint32_t enc_u8(uint32_t x, uint32_t r, int32_t o) {
+    const uint32_t a = x & 0x7FFFFFFFu;
+    int32_t q = (int32_t)((a + (r >> 13)) >> 19) - o * 16;
+    q = q < 0 ? 0 : q;
+    return (uint32_t)(q > 255 ? 255 : q);
+}
+
+ADOPT_INLINE uint32_t enc_m8(uint32_t x, uint32_t r, int32_t o) {
+    const uint32_t a = x & 0x7FFFFFFFu;
+    const int32_t normal = (int32_t)((a + (r >> 13)) >> 19) - o * 16;
+    const int32_t ex = (int32_t)(a >> 23);
+    const int32_t e = (ex > 1 ? ex : 1) - o;
+    /* e <= 0: the subnormal range, (F + (r >> (32 - d))) >> d with d = 20 - e, computed in
+     * 32 bits as (F >> d) + carry((F mod 2^d) + (r >> (32 - d))); d > 32 rounds to 0. */
+    const int32_t d = 20 - e;
+    const int32_t dc = d < 20 ? 20 : d > 32 ? 32 : d;
+    const uint32_t s1 = (uint32_t)(32 - dc);
+    const uint32_t rr = r >> s1, mask = 0xFFFFFFFFu >> s1;
+    const uint32_t f = (a & 0x7FFFFFu) | (ex > 0 ? 0x800000u : 0u);
+    const uint32_t sub = (f >> (uint32_t)(dc < 31 ? dc : 31)) + (rr > mask - (f & mask) ? 1u : 0u);
+    int32_t q = e >= 1 ? normal : d <= 32 ? (int32_t)sub : 0;
+    q = q > 127 ? 127 : q;
+    return (uint32_t)q | ((x >> 31) << 7);
+}
+
+/* One block's arguments for the cloned block workers. p_in/g_in: float32 values (the
+ * tensor's own memory for float32 params, else a converted copy); p_out: where the new
+ * parameter values go (float32: the tensor itself, in place; else a scratch buffer that a
+ * store loop rounds into the tensor). */
+typedef struct {
+    const float *p_in, *g_in;
+    float *p_out;
+    void *m, *v;         /* the block's first m and v code (uint8) or bfloat16 element */
+    float *m_scale, *v_scale; /* 8bit: the block's scales, read then overwritten */
+    int64_t n;           /* elements of the block */
+    uint32_t index_g;    /* the block's first flat index times GOLDEN (mod 2^32) */
+    uint32_t mk, vk;     /* the moments' keys, the index's high part folded in */
+    const coef_float *k;
+    float clip, w;
+    int first, caution, nesterov, l2_on;
+} block_args;
+
+/*
+ * The rule on one block, as update_/apply_ compute it on float32 moments. fmt8 and
+ * count_only are constants at each call site. count_only: a cautious step's first pass,
+ * which only returns how many elements' updates agree in sign with g' and writes nothing;
+ * otherwise the whole step (with caution: the update times the tensor's weight where they
+ * agree, 0 elsewhere). A first step (s == 0) sets v = g'^2 and leaves m and p as they are;
+ * both moments are encoded again in every case.
+ */
+ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int count_only, const int plain) {
+    const float *restrict pin = c->p_in;
+    const float *restrict gin = c->g_in;
+    float *pout = c->p_out; /* may be p_in itself */
+    uint8_t *restrict mc = (uint8_t *)c->m;
+    uint8_t *restrict vc = (uint8_t *)c->v;
+    uint16_t *restrict mb = (uint16_t *)c->m;
+    uint16_t *restrict vb = (uint16_t *)c->v;
+    const coef_float *k = c->k;
+    const float gs = k->gscale, l2 = k->l2, decay = k->decay, lr = k->lr, b1c = k->b1c, b2 = k->b2,
+                b2c = k->b2c, eps = k->eps;
+    const float clip = c->clip, w = c->w;
+    /* plain: the common step (no first step, caution, Nesterov or L2 decay) with those selects
+     * compiled out: a quarter fewer instructions in a loop that is compute bound. */
+    const int first = !plain && c->first, caution = !plain && c->caution;
+    const int nesterov = !plain && c->nesterov, l2_on = !plain && c->l2_on;
+    const uint32_t mk = c->mk, vk = c->vk;
+    const int64_t n = c->n;
+    const float ms_old = fmt8 ? *c->m_scale : 0.0f, vs_old = fmt8 ? *c->v_scale : 0.0f;
+    float mnew[ADOPT_STATE_BLOCK], unew[ADOPT_STATE_BLOCK];
+    /* 8bit: the codes decoded first, in a loop of their own (with the 8-bit loads in the
+     * main loop GCC picks vectors of 8 bytes for all of it). */
+    float mold[ADOPT_STATE_BLOCK], uold[ADOPT_STATE_BLOCK];
+    if (fmt8) {
+        ADOPT_SIMD
+        for (int64_t j = 0; j < n; j++) {
+            mold[j] = dec_m8(mc[j]) * ms_old;
+            uold[j] = dec_u8(vc[j]) * vs_old;
+        }
+    }
+    uint32_t am = 0, au = 0, kept = 0;
+    uint32_t index_g = c->index_g;
+    _Pragma("omp simd reduction(max : am, au) reduction(+ : kept) linear(index_g : ADOPT_GOLDEN)")
+    for (int64_t j = 0; j < n; j++) {
+        const float pi = pin[j];
+        const float gl = gin[j] * gs;
+        const float gi = l2_on ? gl + l2 * pi : gl;
+        float mi, vi, d;
+        if (fmt8) {
+            mi = mold[j];
+            const float uo = uold[j];
+            vi = uo * uo;
+            d = vi == INFINITY ? INFINITY : uo; /* sqrtf(uo * uo), exactly */
+        } else {
+            mi = bf16_load(mb[j]);
+            vi = bf16_load(vb[j]);
+            d = sqrtf(vi);
+        }
+        d = d < eps ? eps : d;
+        float nrm = gi / d;
+        nrm = nrm < -clip ? -clip : nrm;
+        nrm = nrm > clip ? clip : nrm;
+        const float mn = mi + b1c * (nrm - mi);
+        const float ahead = mn + b1c * (nrm - mn);
+        float up = nesterov ? ahead : mn;
+        const int agree = ADOPT_AGREE(up, gi);
+        if (count_only) {
+            kept += (uint32_t)agree;
+        } else {
+            up = caution ? up * (agree ? w : 0.0f) : up;
+            const float pn = pi * decay - lr * up;
+            const float vn = first ? gi * gi : b2 * vi + b2c * (gi * gi);
+            const float mo = first ? mi : mn;
+            pout[j] = first ? pi : pn;
+            if (fmt8) {
+                const float u = sqrtf(vn);
+                mnew[j] = mo;
+                unew[j] = u;
+                const uint32_t mbits = f32_to_bits(mo) & 0x7FFFFFFFu, ubits = f32_to_bits(u) & 0x7FFFFFFFu;
+                am = am > mbits ? am : mbits;
+                au = au > ubits ? au : ubits;
+            } else {
+                mb[j] = bf16_store_sr(mo, mix32(index_g ^ mk));
+                vb[j] = bf16_store_sr(vn, mix32(index_g ^ vk));
+            }
+        }
+        index_g += ADOPT_GOLDEN;
+    }
+    if (count_only || !fmt8) return kept;
+    uint32_t fm, fu;
+    *c->m_scale = state_scale(am, 11u, &fm); /* B_min: 2^3 + 4 - 1 (signed), 2^4 + 63 (squared) */
+    *c->v_scale = state_scale(au, 79u, &fu);
+    const int32_t om = (int32_t)fm - 7, ou = (int32_t)fu - 15;
+    const int m_ok = fm != 0, u_ok = fu != 0;
+    index_g = c->index_g;
+    _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t qm = enc_m8(f32_to_bits(mnew[j]), mix32(index_g ^ mk), om);
+        const uint32_t qu = enc_u8(f32_to_bits(unew[j]), mix32(index_g ^ vk), ou);
+        mc[j] = (uint8_t)(m_ok ? qm : 0u);
+        vc[j] = (uint8_t)(u_ok ? qu : 0u);
+        index_g += ADOPT_GOLDEN;
+    }
+    return 0;
+}
+
+/* The block workers, each compiled for every instruction set (called once per block). */
+ADOPT_CLONES static uint32_t block_step_8bit(const block_args *c) { return state_block(c, 1, 0, 0); }
+ADOPT_CLONES static uint32_t block_step_bf16(const block_args *c) { return state_block(c, 0, 0, 0); }
+ADOPT_CLONES static uint32_t block_plain_8bit(const block_args *c) { return state_block(c, 1, 0, 1); }
+ADOPT_CLONES static uint32_t block_plain_bf16(const block_args *c) { return state_block(c, 0, 0, 1); }
+ADOPT_CLONES static uint32_t block_count_8bit(const block_args *c) { return state_block(c, 1, 1, 0); }
+ADOPT_CLONES static uint32_t block_count_bf16(const block_args *c) { return state_block(c, 0, 1, 0); }
+
+/* 16-bit params and grads to float32 and back (nearest, or stochastic with words from
+ * index_g ^ key). */
+ADOPT_CLONES static void widen_bf16(const uint16_t *restrict src, float *restrict dst, int64_t n) {
+    ADOPT_SIMD
+    for (int64_t j = 0; j < n; j++) dst[j] = bf16_load(src[j]);
+}
+
+ADOPT_CLONES static void widen_f16(const uint16_t *restrict src, float *restrict dst, int64_t n) {
+    ADOPT_SIMD
+    for (int64_t j = 0; j < n; j++) dst[j] = f16_load(src[j]);
+}
+
+ADOPT_CLONES static void narrow_bf16(const float *restrict src, uint16_t *restrict dst, int64_t n, const int sr,
+                                     uint32_t key, uint32_t index_g) {
+    if (!sr) {
+        ADOPT_SIMD
+        for (int64_t j = 0; j < n; j++) dst[j] = bf16_store(src[j]);
+        return;
+    }
+    _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
+    for (int64_t j = 0; j < n; j++) {
+        dst[j] = bf16_store_sr(src[j], mix32(index_g ^ key));
+        index_g += ADOPT_GOLDEN;
+    }
+}
+
+ADOPT_CLONES static void narrow_f16(const float *restrict src, uint16_t *restrict dst, int64_t n, const int sr,
+                                    uint32_t key, uint32_t index_g) {
+    if (!sr) {
+        ADOPT_SIMD
+        for (int64_t j = 0; j < n; j++) dst[j] = f16_store(src[j]);
+        return;
+    }
+    _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
+    for (int64_t j = 0; j < n; j++) {
+        dst[j] = f16_store_sr(src[j], mix32(index_g ^ key));
+        index_g += ADOPT_GOLDEN;
+    }
+}
+
+typedef struct {
+    int64_t offset;  /* first block of the tensor in the call's block index space */
+    double clip;     /* threshold (+inf: off) */
+    int first;       /* step count was 0 */
+    uint32_t pkey, mkey, vkey; /* keys of the param (stochastic rounding), m and v */
+    int64_t kept;    /* caution: elements whose update agrees with g' */
+    float weight;    /* caution: 1 / max(kept / numel, 1e-3) */
+} state_info;
+
+/* Blocks [b, e) of tensor i: the step, or (count_only) the cautious step's counting pass;
+ * returns the count. */
+static int64_t state_blocks(const adopt_state_args *sa, const state_info *ti, int64_t i, int64_t b, int64_t e,
+                            const coef_float *k, const int count_only) {
+    const adopt_cpu_args *a = &sa->base;
+    const int64_t numel = a->numel[i];
+    const int fmt8 = sa->format == ADOPT_STATE_8BIT;
+    const int wide = a->dtype == ADOPT_F32;
+    const int sr = sa->param_sr != 0;
+    const size_t msize = fmt8 ? 1 : 2;
+    float p_buf[ADOPT_STATE_BLOCK], g_buf[ADOPT_STATE_BLOCK];
+    block_args c;
+    c.k = k;
+    c.clip = (float)ti->clip;
+    c.w = ti->weight;
+    c.first = ti->first;
+    c.caution = a->caution != 0;
+    c.nesterov = a->nesterov != 0;
+    c.l2_on = a->weight_decay != 0.0 && !a->decouple;
+    const int plain = !c.first && !c.caution && !c.nesterov && !c.l2_on;
+    uint32_t (*const worker)(const block_args *) =
+        count_only ? (fmt8 ? block_count_8bit : block_count_bf16)
+        : plain    ? (fmt8 ? block_plain_8bit : block_plain_bf16)
+                   : (fmt8 ? block_step_8bit : block_step_bf16);
+    int64_t kept = 0;
+    for (int64_t blk = b; blk < e; blk++) {
+        const int64_t j0 = blk * ADOPT_STATE_BLOCK;
+        const int64_t n = numel - j0 < ADOPT_STATE_BLOCK ? numel - j0 : ADOPT_STATE_BLOCK;
+        /* Blocks never cross a multiple of 2^32 elements: the index's high part is per block. */
+        const uint32_t hi = mix32((uint32_t)((uint64_t)j0 >> 32));
+        c.n = n;
+        c.index_g = (uint32_t)j0 * ADOPT_GOLDEN;
+        c.mk = ti->mkey ^ hi;
+        c.vk = ti->vkey ^ hi;
+        c.m = (char *)a->m[i] + (size_t)j0 * msize;
+        c.v = (char *)a->v[i] + (size_t)j0 * msize;
+        c.m_scale = fmt8 ? sa->m_scale[i] + blk : NULL;
+        c.v_scale = fmt8 ? sa->v_scale[i] + blk : NULL;
+        if (wide) {
+            c.p_in = (const float *)a->p[i] + j0;
+            c.g_in = (const float *)a->g[i] + j0;
+            c.p_out = (float *)a->p[i] + j0;
+        } else {
+            const uint16_t *ph = (const uint16_t *)a->p[i] + j0, *gh = (const uint16_t *)a->g[i] + j0;
+            if (a->dtype == ADOPT_BF16) {
+                widen_bf16(ph, p_buf, n);
+                widen_bf16(gh, g_buf, n);
+            } else {
+                widen_f16(ph, p_buf, n);
+                widen_f16(gh, g_buf, n);
+            }
+            c.p_in = p_buf;
+            c.g_in = g_buf;
+            c.p_out = p_buf;
+        }
+        kept += worker(&c);
+        if (count_only || wide || ti->first) continue;
+        uint16_t *ph = (uint16_t *)a->p[i] + j0;
+        if (a->dtype == ADOPT_BF16) narrow_bf16(p_buf, ph, n, sr, ti->pkey ^ hi, c.index_g);
+        else narrow_f16(p_buf, ph, n, sr, ti->pkey ^ hi, c.index_g);
+    }
+    return kept;
+}
+
+/* Blocks [lo, hi) of the call's block index space. */
+static void state_range(const adopt_state_args *sa, state_info *info, int64_t lo, int64_t hi, const int count_only) {
+    const adopt_cpu_args *a = &sa->base;
+    const int64_t n = a->n_tensors;
+    coef_double kd;
+    coef_float kf;
+    step_coefs(a, &kd, &kf);
+    int64_t left = 0, right = n - 1;
+    while (left < right) {
+        const int64_t mid = left + (right - left + 1) / 2;
+        if (info[mid].offset <= lo) left = mid;
+        else right = mid - 1;
+    }
+    for (int64_t i = left; i < n && info[i].offset < hi; i++) {
+        const int64_t start = info[i].offset, stop = info[i + 1].offset;
+        const int64_t b = (lo > start ? lo : start) - start;
+        const int64_t e = (hi < stop ? hi : stop) - start;
+        if (e <= b || (count_only && info[i].first)) continue;
+        const int64_t kept = state_blocks(sa, &info[i], i, b, e, &kf, count_only);
+        if (count_only) {
+            _Pragma("omp atomic")
+            info[i].kept += kept;
+        }
+    }
+}
+
+static void state_step_range(const adopt_state_args *sa, state_info *info, int64_t lo, int64_t hi) {
+    state_range(sa, info, lo, hi, 0);
+}
+
+static void state_count_range(const adopt_state_args *sa, state_info *info, int64_t lo, int64_t hi) {
+    state_range(sa, info, lo, hi, 1);
+}
+
+static void state_caution_weights(const adopt_state_args *sa, state_info *info) {
+    for (int64_t i = 0; i < sa->base.n_tensors; i++) {
+        if (info[i].first) continue;
+        const float kept = (float)info[i].kept / (float)sa->base.numel[i];
+        info[i].weight = 1.0f / (kept < 1e-3f ? 1e-3f : kept);
+    }
+}
+
+int adopt_cpu_state_step(const adopt_state_args *sa) {
+    const adopt_cpu_args *a = &sa->base;
+    const int64_t n = a->n_tensors;
+    if (n <= 0) return 0;
+    if (a->found_inf != NULL && *a->found_inf != 0.0f) return 0;
+    if (a->dtype == ADOPT_F64 || a->seed == NULL) return -1;
+    state_info *info = (state_info *)malloc((size_t)(n + 1) * sizeof *info);
+    if (info == NULL) return -1;
+    int64_t blocks = 0, total = 0;
+    float last_s = -1.0f;
+    double last_c = 0.0;
+    const int sr = sa->param_sr != 0 && (a->dtype == ADOPT_F16 || a->dtype == ADOPT_BF16);
+    for (int64_t i = 0; i < n; i++) {
+        const float s = *a->step[i];
+        const uint32_t su = (uint32_t)s;
+        const int64_t seed = *a->seed[i];
+        info[i].offset = blocks;
+        info[i].first = s == 0.0f;
+        info[i].pkey = sr ? param_key(seed, su) : 0u;
+        info[i].mkey = stream_key(seed, ADOPT_STREAM_EXP_AVG, su);
+        info[i].vkey = stream_key(seed, ADOPT_STREAM_EXP_AVG_SQ, su);
+        info[i].kept = 0;
+        info[i].weight = 0.0f;
+        switch (a->clip_mode) {
+        case ADOPT_CLIP_TABLE: info[i].clip = a->clip_table[i]; break;
+        case ADOPT_CLIP_POWER:
+            if (s != last_s) {
+                last_s = s;
+                last_c = pow((double)s, a->clip_exponent);
+            }
+            info[i].clip = last_c;
+            break;
+        default: info[i].clip = INFINITY; break;
+        }
+        blocks += (a->numel[i] + ADOPT_STATE_BLOCK - 1) / ADOPT_STATE_BLOCK;
+        total += a->numel[i];
+    }
+    memset(&info[n], 0, sizeof info[n]);
+    info[n].offset = blocks;
+    info[n].clip = INFINITY;
+
+    int nt = threads_for(total, a->num_threads);
+#ifdef _OPENMP
+    if (nt > ADOPT_MAX_TEAM) nt = ADOPT_MAX_TEAM;
+    if (nt > 1 && contended_now()) nt = 1;
+#endif
+    if (nt > 1) {
+#ifdef _OPENMP
+        double started[ADOPT_MAX_TEAM];
+        const double call_start = omp_get_wtime();
+        int team = 1;
+#pragma omp parallel num_threads(nt)
+        {
+            const int64_t cnt = omp_get_num_threads(), tid = omp_get_thread_num();
+            started[tid] = omp_get_wtime();
+            if (tid == 0) team = (int)cnt;
+            const int64_t chunk = (blocks + cnt - 1) / cnt;
+            const int64_t lo = tid * chunk < blocks ? tid * chunk : blocks;
+            const int64_t hi = lo + chunk < blocks ? lo + chunk : blocks;
+            if (a->caution) { /* the same condition in every thread: all reach the barriers */
+                if (lo < hi) state_count_range(sa, info, lo, hi);
+#pragma omp barrier
+#pragma omp single
+                state_caution_weights(sa, info);
+            }
+            if (lo < hi) state_step_range(sa, info, lo, hi);
+        }
+        double latest = call_start;
+        for (int t = 0; t < team; t++) latest = started[t] > latest ? started[t] : latest;
+        if (latest - call_start > ADOPT_LATE_START) {
+#pragma omp atomic write
+            serial_until = omp_get_wtime() + ADOPT_SERIAL_PERIOD;
+        }
+#endif
+    } else {
+        if (a->caution) {
+            state_count_range(sa, info, 0, blocks);
+            state_caution_weights(sa, info);
+        }
+        state_step_range(sa, info, 0, blocks);
+    }
+    for (int64_t i = 0; i < n; i++) *a->step[i] += 1.0f;
+    free(info);
+    return 0;
 }

@@ -56,6 +56,34 @@ typedef struct {
  * per-call scratch table cannot be allocated (nothing has been modified then). */
 int adopt_cpu_step(const adopt_cpu_args *args);
 
+/* ---- low-memory optimizer state (state_precision "bf16" / "8bit") ----------------------
+ * The moments are stored as bfloat16, or in 8 bits: uint8 codes (one per element) and one
+ * float32 scale per block of ADOPT_STATE_BLOCK elements (adopt/_state_formats.py: m signed
+ * E3M4, v as sqrt(v) in unsigned E4M4). A step decodes them to float32, applies exactly the
+ * full-precision rule of adopt_cpu_step on float32 moments, and encodes both moments again
+ * with stochastic rounding (streams 2 for m, 1 for v). */
+#define ADOPT_STATE_BLOCK 256
+
+typedef enum {
+    ADOPT_STATE_BF16 = 0, /* m, v: bfloat16 tensors */
+    ADOPT_STATE_8BIT = 1  /* m, v: uint8 codes; m_scale, v_scale: float32 block scales */
+} adopt_state_format;
+
+typedef struct {
+    /* base.p/g: params and grads (base.dtype ADOPT_F32, ADOPT_F16 or ADOPT_BF16);
+     * base.m/v: the moments' storage (codes or bfloat16); base.seed: required (the moments'
+     * rounding keys); every other field as for adopt_cpu_step. */
+    adopt_cpu_args base;
+    adopt_state_format format;
+    float *const *m_scale; /* 8bit: ceil(numel / 256) scales per tensor, updated */
+    float *const *v_scale;
+    int param_sr;          /* write 16-bit params with stochastic rounding (stream 0) */
+} adopt_state_args;
+
+/* Returns 0 (also for a step skipped because of found_inf) or -1 (nothing modified) when the
+ * per-call table cannot be allocated. */
+int adopt_cpu_state_step(const adopt_state_args *args);
+
 /* Nonzero when the library was compiled with OpenMP. */
 int adopt_cpu_has_openmp(void);
 

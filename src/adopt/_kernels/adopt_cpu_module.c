@@ -7,6 +7,11 @@
  *   itself, for ADOPT.step()'s steady state (every parameter with a gradient has state).
  *   It never reports a problem: whenever anything needs the general path (no state yet, a
  *   tensor it cannot take, an error to raise) it declines, having changed nothing;
+ * - step_state() takes the lists of a step whose moments are stored in a low-memory format
+ *   ("bf16" or "8bit" codes and block scales, adopt/_state_formats.py) and raises a
+ *   ValueError / TypeError naming the list and index of the first tensor that is not right;
+ *   codes and bf16 moments must have their param's element count (any shape), scales
+ *   ceil(numel / 256); no tensor the step writes may share memory with any other;
  * - check_lists() tells the general path, at C speed, whether every parameter's gradient
  *   and state match it in shape, dtype and device (on any device);
  * - host_steps() reads float32 CPU step counters.
@@ -116,7 +121,7 @@ static struct {
 } shim;
 
 /* torch's codes for the kernel's dtypes (adopt_dtype order), the CPU and the strided layout. */
-static int32_t dtype_codes[N_DTYPES], cpu_code, strided_code, int64_code;
+static int32_t dtype_codes[N_DTYPES], cpu_code, strided_code, int64_code, uint8_code;
 
 /* Where a Python tensor keeps its at::Tensor: right after the object header (torch >= 2.10
  * stores it there), or only reachable as the TensorImpl* that `_cdata` returns (an at::Tensor
@@ -183,6 +188,7 @@ static int64_t itemsize_of(int32_t code) {
     const int k = dtype_index(code);
     if (k < N_DTYPES) return itemsizes[k];
     if (code == int64_code) return 8;
+    if (code == uint8_code) return 1;
     return shim_element_size == NULL ? 0 : (int64_t)shim_element_size(code);
 }
 
@@ -351,9 +357,9 @@ static int bind_shim(PyObject *torch) {
     static const char *const codes[] = {"aoti_torch_dtype_float32", "aoti_torch_dtype_float64",
                                         "aoti_torch_dtype_float16", "aoti_torch_dtype_bfloat16",
                                         "aoti_torch_device_type_cpu", "aoti_torch_layout_strided",
-                                        "aoti_torch_dtype_int64"};
-    int32_t values[7];
-    for (int i = 0; i < 7; i++) {
+                                        "aoti_torch_dtype_int64", "aoti_torch_dtype_uint8"};
+    int32_t values[8];
+    for (int i = 0; i < 8; i++) {
         void *f = find_symbol(lib, codes[i]);
         int32_t (*code)(void);
         if (f == NULL) {
@@ -368,6 +374,7 @@ static int bind_shim(PyObject *torch) {
     cpu_code = values[4];
     strided_code = shim.layout == NULL ? 0 : values[5];
     int64_code = values[6];
+    uint8_code = values[7];
     return 0;
 }
 
@@ -695,6 +702,13 @@ static void table_free(table_t *t) {
     t->numel = NULL;
     t->params = NULL;
     t->n = 0;
+}
+
+static int storage_error_named(const char *name, Py_ssize_t i, const meta_t *m) {
+    PyErr_Format(PyExc_ValueError,
+                 "%s[%zd] has %lld element(s) but its storage does not hold them (freed or shrunk storage?)",
+                 name, i, (long long)m->numel);
+    return -1;
 }
 
 static int storage_error(int l, Py_ssize_t i, const meta_t *m) {
@@ -1254,6 +1268,244 @@ static PyObject *py_step_groups(PyObject *self, PyObject *const *args, Py_ssize_
     return status < 0 ? NULL : PyLong_FromLong(status);
 }
 
+/* ---- step_state(): low-memory optimizer state ----------------------------------------- */
+
+PyDoc_STRVAR(step_state_doc,
+             "step_state(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,\n"
+             "           state_steps, seeds, clip_table, grad_scale, found_inf, fmt, lr, beta1, beta2,\n"
+             "           weight_decay, eps, clip_exponent, clip_mode, decouple, maximize, nesterov,\n"
+             "           caution, lr_max, stochastic_rounding, num_threads, dry_run) -> None\n\n"
+             "One fused ADOPT step over CPU params of one dtype (float32, float16, bfloat16) whose\n"
+             "moments are stored in a low-memory format (adopt/_state_formats.py): fmt STATE_BF16\n"
+             "(exp_avgs / exp_avg_sqs bfloat16 tensors of the params' sizes; the scale lists None)\n"
+             "or STATE_8BIT (uint8 codes of the params' sizes and float32 scales of ceil(numel / 256)\n"
+             "elements). seeds: one int64 CPU scalar per tensor (the moments' rounding keys; with\n"
+             "stochastic_rounding the 16-bit params' too). Every tensor is checked before anything is\n"
+             "written: a ValueError or TypeError names the list and index of the first one that is\n"
+             "not right. dry_run: check only.");
+
+#define STATE_NARGS 27
+#define N_STATE_LISTS 8 /* params, grads, exp_avgs, exp_avg_sqs, the two scale lists, steps, seeds */
+
+static const char *const state_list_names[N_STATE_LISTS] = {
+    "params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales", "state_steps", "seeds"};
+/* Whether the step writes a list's tensors (the others are only read). */
+static const int state_list_written[N_STATE_LISTS] = {1, 0, 1, 1, 1, 1, 1, 0};
+
+/* Reads x (entry i of list l) and checks it is a contiguous CPU tensor of dtype `dtype`
+ * (named dtype_name) with `numel` elements whose storage holds them. 0 or -1. */
+static int state_tensor(PyObject *x, int l, Py_ssize_t i, int32_t dtype, const char *dtype_name, int64_t numel,
+                        meta_t *m) {
+    const int rc = read_meta(x, 1, m);
+    if (rc < 0) return -1;
+    const char *name = state_list_names[l];
+    if (rc > 0) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s[%zd] must be a plain strided tensor whose memory the CPU kernel can read, got %s", name,
+                     i, Py_TYPE(x)->tp_name);
+        return -1;
+    }
+    if (m->device_type != cpu_code) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd] is not a CPU tensor", name, i);
+        return -1;
+    }
+    if (m->dtype != dtype) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd] must be a %s tensor", name, i, dtype_name);
+        return -1;
+    }
+    if (m->numel != numel) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd] has %lld element(s), expected %lld", name, i, (long long)m->numel,
+                     (long long)numel);
+        return -1;
+    }
+    if (!m->contiguous) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd] must be contiguous (and not a negated view)", name, i);
+        return -1;
+    }
+    if (!m->in_bounds) return storage_error_named(name, i, m);
+    return 0;
+}
+
+typedef struct {
+    uint64_t start, end;
+    uint32_t list;
+    Py_ssize_t index;
+} state_range_t;
+
+static int compare_ranges(const void *x, const void *y) {
+    const state_range_t *a = (const state_range_t *)x, *b = (const state_range_t *)y;
+    return a->start < b->start ? -1 : a->start > b->start ? 1 : 0;
+}
+
+/* ValueError when two tensors share memory and the step writes at least one of them. */
+static int state_overlaps(state_range_t *r, size_t count) {
+    if (count < 2) return 0;
+    qsort(r, count, sizeof *r, compare_ranges);
+    for (size_t a = 0; a < count; a++) {
+        for (size_t b = a + 1; b < count && r[b].start < r[a].end; b++) {
+            if (!state_list_written[r[a].list] && !state_list_written[r[b].list]) continue;
+            PyErr_Format(PyExc_ValueError, "%s[%zd] and %s[%zd] share memory: the step would write one while reading the other",
+                         state_list_names[r[a].list], r[a].index, state_list_names[r[b].list], r[b].index);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *py_step_state(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != STATE_NARGS)
+        return PyErr_Format(PyExc_TypeError, "step_state() takes %d positional arguments (%zd given)", STATE_NARGS,
+                            nargs);
+    PyObject *lists[N_STATE_LISTS] = {NULL};
+    PyObject **items[N_STATE_LISTS] = {NULL};
+    PyObject *result = NULL;
+    void **ptrs = NULL;
+    int64_t *numel = NULL;
+    state_range_t *ranges = NULL;
+    Py_ssize_t n = 0;
+    hyper_t h;
+    int fmt, sr, num_threads, dry_run;
+    /* Phase 1: everything that can run Python code. */
+    if (int_arg(args, 11, &fmt) || hyper_args(args + 12, &h) || bool_arg(args, 24, &sr) ||
+        int_arg(args, 25, &num_threads) || bool_arg(args, 26, &dry_run))
+        goto done;
+    if (fmt != ADOPT_STATE_BF16 && fmt != ADOPT_STATE_8BIT) {
+        PyErr_Format(PyExc_ValueError, "unknown state format %d", fmt);
+        goto done;
+    }
+    const int fmt8 = fmt == ADOPT_STATE_8BIT;
+    static const int arg_of_list[N_STATE_LISTS] = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int l = 0; l < N_STATE_LISTS; l++) {
+        PyObject *arg = args[arg_of_list[l]];
+        if ((l == 4 || l == 5) && !fmt8) {
+            if (arg != Py_None) {
+                PyErr_Format(PyExc_ValueError, "%s must be None for bfloat16 state", state_list_names[l]);
+                goto done;
+            }
+            continue;
+        }
+        lists[l] = PySequence_Tuple(arg);
+        if (lists[l] == NULL) goto done;
+        const Py_ssize_t size = PyTuple_GET_SIZE(lists[l]);
+        if (l > 0 && size != n) {
+            PyErr_Format(PyExc_ValueError, "%s has %zd entries but params has %zd", state_list_names[l], size, n);
+            goto done;
+        }
+        n = l == 0 ? size : n;
+        items[l] = &PyTuple_GET_ITEM(lists[l], 0);
+    }
+    if (n == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    for (int l = 0; l < 4; l++) {
+        const int neg = any_neg_view_slow(items[l], n);
+        if (neg < 0) goto done;
+        if (neg > 0) {
+            PyErr_Format(PyExc_ValueError, "%s holds a negated view (resolve_neg() it first)", state_list_names[l]);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyObject_TypeCheck(items[0][i], tensor_base_type)) {
+            PyErr_Format(PyExc_TypeError, "params[%zd] must be a tensor, got %s", i, Py_TYPE(items[0][i])->tp_name);
+            goto done;
+        }
+    if (!dry_run && bump_versions(lists[0]) < 0) goto done;
+
+    /* Phase 2: no Python code runs from here until the kernel has returned. */
+    ptrs = (void **)calloc((size_t)n * N_STATE_LISTS, sizeof(void *));
+    numel = (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    ranges = (state_range_t *)malloc((size_t)n * N_STATE_LISTS * sizeof(state_range_t));
+    if (ptrs == NULL || numel == NULL || ranges == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int dtype = -1;
+    size_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        meta_t pm, m;
+        const int rc = read_meta(items[0][i], 1, &pm);
+        if (rc < 0) goto done;
+        const int k = rc == 0 ? dtype_index(pm.dtype) : N_DTYPES;
+        if (rc > 0 || k == N_DTYPES || k == ADOPT_F64) {
+            PyErr_Format(PyExc_TypeError, "params[%zd] must be a float32, float16 or bfloat16 tensor the CPU kernel can read", i);
+            goto done;
+        }
+        if (dtype < 0) dtype = k;
+        if (k != dtype) {
+            PyErr_Format(PyExc_ValueError, "params[%zd] has another dtype than params[0]: one call updates one dtype", i);
+            goto done;
+        }
+        if (state_tensor(items[0][i], 0, i, pm.dtype, "float32/float16/bfloat16", pm.numel, &pm) < 0) goto done;
+        const int64_t elements = pm.numel, blocks = (elements + ADOPT_STATE_BLOCK - 1) / ADOPT_STATE_BLOCK;
+        numel[i] = elements;
+        ptrs[i] = pm.data;
+        static const char *const names[N_DTYPES] = {"float32", "float64", "float16", "bfloat16"};
+        if (state_tensor(items[1][i], 1, i, pm.dtype, names[k], elements, &m) < 0) goto done;
+        if (!same_shape(&m, &pm)) {
+            PyErr_Format(PyExc_ValueError, "grads[%zd] does not match params[%zd] in shape", i, i);
+            goto done;
+        }
+        ptrs[(size_t)n + i] = m.data;
+        const int32_t moment_dtype = fmt8 ? uint8_code : dtype_codes[ADOPT_BF16];
+        const char *moment_name = fmt8 ? "uint8" : "bfloat16";
+        for (int l = 2; l < 4; l++) {
+            if (state_tensor(items[l][i], l, i, moment_dtype, moment_name, elements, &m) < 0) goto done;
+            ptrs[(size_t)l * n + i] = m.data;
+        }
+        for (int l = 4; fmt8 && l < 6; l++) {
+            if (state_tensor(items[l][i], l, i, dtype_codes[ADOPT_F32], "float32", blocks, &m) < 0) goto done;
+            ptrs[(size_t)l * n + i] = m.data;
+        }
+        if (state_tensor(items[6][i], 6, i, dtype_codes[ADOPT_F32], "float32", 1, &m) < 0) goto done;
+        ptrs[(size_t)6 * n + i] = m.data;
+        if (state_tensor(items[7][i], 7, i, int64_code, "int64", 1, &m) < 0) goto done;
+        ptrs[(size_t)7 * n + i] = m.data;
+        const int64_t bytes[N_STATE_LISTS] = {elements * itemsizes[k], elements * itemsizes[k],
+                                              elements * (fmt8 ? 1 : 2), elements * (fmt8 ? 1 : 2),
+                                              blocks * 4, blocks * 4, 4, 8};
+        for (int l = 0; l < N_STATE_LISTS; l++) {
+            if ((l == 4 || l == 5) && !fmt8) continue;
+            if (bytes[l] == 0) continue;
+            const uint64_t start = (uint64_t)(uintptr_t)ptrs[(size_t)l * n + i];
+            ranges[count++] = (state_range_t){start, start + (uint64_t)bytes[l], (uint32_t)l, i};
+        }
+    }
+    if (state_overlaps(ranges, count) < 0) goto done;
+    const double *table_ptr = NULL;
+    const float *scale_ptr, *inf_ptr;
+    if (h.clip_mode == ADOPT_CLIP_TABLE && buffer_of(args[8], ADOPT_F64, n, "clip_table", (void **)&table_ptr) < 0)
+        goto done;
+    if (amp_scalar(args[9], "grad_scale", &scale_ptr) || amp_scalar(args[10], "found_inf", &inf_ptr)) goto done;
+    if (!dry_run) {
+        table_t t = {n, dtype, 0, ptrs, numel, NULL, (int64_t **)(ptrs + (size_t)7 * n)};
+        /* kernel_args reads params, grads, moments, steps from list-major ptrs: steps are list 4
+         * there, list 6 here. */
+        adopt_cpu_args base = kernel_args(&t, &h, table_ptr, scale_ptr, inf_ptr, num_threads);
+        base.step = (float *const *)(ptrs + (size_t)6 * n);
+        const adopt_state_args a = {
+            .base = base,
+            .format = (adopt_state_format)fmt,
+            .m_scale = fmt8 ? (float *const *)(ptrs + (size_t)4 * n) : NULL,
+            .v_scale = fmt8 ? (float *const *)(ptrs + (size_t)5 * n) : NULL,
+            .param_sr = sr,
+        };
+        if (adopt_cpu_state_step(&a) != 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    free(ptrs);
+    free(numel);
+    free(ranges);
+    for (int l = 0; l < N_STATE_LISTS; l++) Py_XDECREF(lists[l]);
+    return result;
+}
+
 /* ---- check_lists() ----------------------------------------------------------------------- */
 
 PyDoc_STRVAR(check_lists_doc,
@@ -1365,6 +1617,7 @@ static PyObject *py_tensor_access(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL, step_doc},
+    {"step_state", (PyCFunction)(void (*)(void))py_step_state, METH_FASTCALL, step_state_doc},
     {"step_groups", (PyCFunction)(void (*)(void))py_step_groups, METH_FASTCALL, step_groups_doc},
     {"check_lists", (PyCFunction)(void (*)(void))py_check_lists, METH_FASTCALL, check_lists_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
@@ -1423,7 +1676,10 @@ PyMODINIT_FUNC PyInit__adopt_cpu(void) {
         PyModule_AddIntConstant(m, "DECLINED", STATUS_DECLINED) ||
         PyModule_AddIntConstant(m, "CLIP_NONE", ADOPT_CLIP_NONE) ||
         PyModule_AddIntConstant(m, "CLIP_TABLE", ADOPT_CLIP_TABLE) ||
-        PyModule_AddIntConstant(m, "CLIP_POWER", ADOPT_CLIP_POWER)) {
+        PyModule_AddIntConstant(m, "CLIP_POWER", ADOPT_CLIP_POWER) ||
+        PyModule_AddIntConstant(m, "STATE_BF16", ADOPT_STATE_BF16) ||
+        PyModule_AddIntConstant(m, "STATE_8BIT", ADOPT_STATE_8BIT) ||
+        PyModule_AddIntConstant(m, "STATE_BLOCK", ADOPT_STATE_BLOCK)) {
         Py_DECREF(m);
         return NULL;
     }
