@@ -45,19 +45,24 @@ def _set_grads(pa: list[torch.Tensor], pb: list[torch.Tensor], g: torch.Generato
         a.grad, b.grad = grad.clone(), grad.clone()
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_the_simulation_with_the_optimizers_keys_is_the_8bit_step(foreach: bool) -> None:
+@pytest.mark.parametrize("path", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=str)
+def test_the_simulation_with_the_optimizers_keys_is_the_8bit_step(path: dict) -> None:
     """NearestState8bitADOPT with key = the 8-bit optimizer's own stochastic rounding keys
-    gives the same parameters and moments, bit for bit: the control differs from "8bit"
-    only in the rounding."""
+    gives the same parameters and moments, bit for bit, on the same path: the control
+    differs from "8bit" only in the rounding."""
+    if path.get("fused"):
+        from adopt._fused import _cpu_kernel
+
+        if _cpu_kernel() is None:
+            pytest.skip("the fused CPU kernel is not built")
     pa, pb = _pair()
-    real = ADOPT(pa, lr=1e-2, foreach=foreach, state_precision="8bit", min_8bit_size=0)
+    real = ADOPT(pa, lr=1e-2, **path, state_precision="8bit", min_8bit_size=0)
     index = {id(p): i for i, p in enumerate(pb)}
 
     def key(p: torch.Tensor, step: int, moment: str) -> int:
         return formats.state_key(int(real.state[pa[index[id(p)]]]["seed"]), step, moment)
 
-    sim = NearestState8bitADOPT(pb, lr=1e-2, foreach=foreach, min_8bit_size=0, key=key)
+    sim = NearestState8bitADOPT(pb, lr=1e-2, **path, min_8bit_size=0, key=key)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         _set_grads(pa, pb, g)
