@@ -136,4 +136,4 @@ def test_a_tiny_state_run_prints_the_table_and_writes_png_and_json(tmp_path: Pat
 
 def test_help_names_the_state_experiment() -> None:
     code, stdout, _ = _run_cli(["demo", "--help"])
-    assert code == 0 and "state" in stdout and "min_8bit_size=0" in stdout and "15 minutes" in stdout
+    assert code == 0 and "state" in stdout and "min_8bit_size=0" in stdout and "4 minutes" in stdout
