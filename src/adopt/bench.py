@@ -34,6 +34,20 @@ not timed. Cold steps are timed in the same interleaved rounds as warm ones, rig
 path's warm share, and the cold roofline is the cold in-place add's time times 7/3, so
 every cold ratio compares cold with cold.
 
+Optimizer state precision (``--state-precision full,bf16,8bit``): the ADOPT paths are timed
+once per precision, ``ADOPT(..., state_precision=P)``, as rows ``adopt-fused/8bit`` and so
+on (default: ``adopt-foreach`` and ``adopt-fused``), next to AdamW and, when installed, the
+8-bit optimizers of bitsandbytes (``bnb-adam8bit``: ``bnb.optim.Adam8bit``) and torchao
+(``torchao-adamw8bit``: ``torchao.optim.AdamW8bit``); a peer that is not installed is a
+skipped row. Every row also reports the bytes of optimizer state per parameter element,
+measured from ``optimizer.state`` (every tensor but step counts and seeds, each storage once;
+a tensor subclass by the tensors it wraps) after the warm-up, and its own roofline: the
+bytes a step must move per element are 3 for the parameter (read, write) and gradient plus
+what the state moves: 28 in all in float32 for full precision, 20 for bf16 (2 + 2 bytes per
+moment, read and write), 16 for 8bit (1 + 1 per moment; the block scales are left out).
+Both peers keep full-precision state for small tensors (under 4096 elements), and torchao
+also for tensors whose size is not a multiple of its block (256): the measured bytes show it.
+
 JSON: each case holds the warm figures in ``roofline`` and ``results`` (as before cold
 figures existed) and the cold ones in ``cold`` (``flush_bytes``, ``roofline``,
 ``results``); every row also says its ``cache``. With ``--cache cold`` a case has only
@@ -65,7 +79,19 @@ OPTION_PATHS: dict[str, dict[str, Any]] = {
     "adopt-fused-caution": dict(caution=True),
     "adopt-fused-caution-nesterov": dict(caution=True, nesterov=True),
 }
+# Third-party 8-bit optimizers timed next to ADOPT's state precisions when installed.
+PEER_PATHS: dict[str, tuple[str, str]] = {
+    "bnb-adam8bit": ("bitsandbytes", "bitsandbytes.optim.Adam8bit"),
+    "torchao-adamw8bit": ("torchao", "torchao.optim.AdamW8bit"),
+}
+STATE_PRECISIONS = ("full", "bf16", "8bit")
+# The ADOPT paths timed per state precision by default (--paths chooses others).
+STATE_DEFAULT_PATHS = ("adopt-foreach", "adopt-fused", "adamw-foreach", "adamw-fused", *PEER_PATHS)
 DEFAULT_SIZES = "1M:200,50M:10"
+# With --state-precision: every tensor a multiple of 256 elements and at least 4096, so the
+# 8-bit peers (which keep other tensors in full precision) are 8-bit too.
+STATE_DEFAULT_SIZES = "1024000:200,10240000:10"
+STATE_QUICK_SIZES = "204800:50,2048000:4"
 QUICK_SIZES = "200k:50,2M:4"
 QUICK_REPEATS = 15  # enough for a median that means something, still seconds
 # adopt-fused-sr times the same step as adopt-fused except for 16-bit parameters, so the
@@ -110,6 +136,12 @@ default 96 MiB or 3x the last-level cache if larger) before every timed step and
 every timed add of the cold roofline. The flush is not timed. Cold rows are compared with
 the cold roofline and cold AdamW fused. Small cases, whose data fits in cache, are where
 the two differ most. The flush buffer stays in memory for the whole run.
+
+Optimizer state precision (--state-precision full,bf16,8bit): the ADOPT paths once per
+precision (rows adopt-fused/8bit, ...), each with the bytes of optimizer state per parameter
+measured from optimizer.state and its own roofline (28, 20 and 16 bytes per element moved
+for float32 parameters), "x full" against the same path in full precision, next to AdamW
+and, when installed, bitsandbytes' Adam8bit and torchao's AdamW8bit (skipped otherwise).
 """
 
 EPILOG = """\
@@ -120,6 +152,9 @@ examples:
   python -m adopt bench --device cuda         on the GPU (needs triton for adopt-fused)
   python -m adopt bench --quick --out b.json  a quick smoke run, results in b.json
   python -m adopt bench --cache cold          only the cache-cold steps (data in main memory)
+  python -m adopt bench --state-precision full,bf16,8bit --sizes 1024000:200
+                                              ADOPT with each optimizer state precision, its state
+                                              bytes per parameter, AdamW and installed 8-bit peers
 """
 
 
@@ -151,12 +186,57 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def _paths(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in PATHS and n not in OPTION_PATHS]
+    known = (*PATHS, *OPTION_PATHS, *PEER_PATHS)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown path(s) {unknown or text!r}; choose from {', '.join(known)}")
+    return names
+
+
+def _state_precisions(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in STATE_PRECISIONS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown path(s) {unknown or text!r}; choose from {', '.join((*PATHS, *OPTION_PATHS))}"
+            f"unknown state precision(s) {unknown or text!r}; choose from {', '.join(STATE_PRECISIONS)}"
         )
-    return names
+    return tuple(p for p in STATE_PRECISIONS if p in names)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def split_path(path: str) -> tuple[str, Optional[str]]:
+    """``"adopt-fused/8bit"`` -> ``("adopt-fused", "8bit")``; a path without one -> ``(path, None)``."""
+    base, _, precision = path.partition("/")
+    return base, precision or None
+
+
+def is_adopt_path(path: str) -> bool:
+    """An ADOPT path (timed once per state precision with --state-precision)."""
+    return path.startswith("adopt-")
+
+
+def state_paths(paths: Iterable[str], precisions: Iterable[str]) -> tuple[str, ...]:
+    """Every ADOPT path once per precision (``adopt-fused/8bit``), then the other paths."""
+    paths, precisions = tuple(paths), tuple(precisions)
+    adopt = [f"{path}/{p}" for p in precisions for path in paths if is_adopt_path(path)]
+    return (*adopt, *(path for path in paths if not is_adopt_path(path)))
+
+
+def row_bytes_per_element(path: str, itemsize: int) -> int:
+    """Bytes a step of ``path`` must move per parameter element (its roofline): the parameter
+    read and written and the gradient read (3 x itemsize) and both moments read and written:
+    4 x itemsize in full precision, 8 in bf16, 4 in 8 bits (block scales left out)."""
+    base, precision = split_path(path)
+    if base in PEER_PATHS:
+        precision = "8bit"
+    state = {None: 4 * itemsize, "full": 4 * itemsize, "bf16": 8, "8bit": 4}[precision]
+    return 3 * itemsize + state
 
 
 def _positive_int(text: str) -> int:
@@ -198,6 +278,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "the fused step with that option on)",
     )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter dtype (default: float32)")
+    parser.add_argument(
+        "--state-precision", type=_state_precisions, default=None, metavar="P[,...]",
+        help="time the ADOPT paths once per optimizer state precision (full, bf16, 8bit; e.g. full,bf16,8bit), "
+        "as rows adopt-fused/8bit ..., with the state bytes per parameter measured from optimizer.state and "
+        "each row's own roofline (28/20/16 B per element in float32); default paths then: "
+        f"{', '.join(STATE_DEFAULT_PATHS)} (the last two only when installed), default sizes then: "
+        f"{STATE_DEFAULT_SIZES} (--quick: {STATE_QUICK_SIZES}; tensors of a multiple of 256 elements, at least 4096, "
+        "so the peers' state is 8-bit too)",
+    )
+    parser.add_argument(
+        "--min-8bit-size", type=_non_negative_int, default=None, metavar="N",
+        help="ADOPT's min_8bit_size for the 8bit rows: tensors with fewer elements keep full-precision state "
+        "(default: the optimizer's, 4096)",
+    )
     parser.add_argument(
         "--cache", choices=tuple(CACHE_CHOICES), default="both",
         help="time steps with their data in cache (warm: the previous step of the same path left it there), "
@@ -248,34 +342,120 @@ def _tensor_sizes(total: int, tensors: int) -> list[int]:
     return [base + (i < extra) for i in range(tensors)]
 
 
-def _make_optimizer(path: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+class PathSkipped(Exception):
+    """A path that cannot run because an optional package is not installed."""
+
+
+def _make_peer(path: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    package, name = PEER_PATHS[path]
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise PathSkipped(f"{package} is not installed") from None
+    module, _, cls = name.rpartition(".")
+    return getattr(importlib.import_module(module), cls)(params)  # type: ignore[no-any-return]
+
+
+def _adopt_options(path: str) -> dict[str, Any]:
+    """ADOPT's keyword arguments for an ADOPT path (without a state precision)."""
+    if path == "adopt-single":
+        return dict(foreach=False)
+    if path == "adopt-foreach":
+        return dict(foreach=True)
+    if path == "adopt-fused":
+        return dict(fused=True)
+    if path == "adopt-fused-sr":  # the same step as adopt-fused unless the dtype is 16-bit
+        return dict(fused=True, stochastic_rounding=True)
+    if path in OPTION_PATHS:
+        return dict(fused=True, **OPTION_PATHS[path])
+    raise ValueError(f"unknown ADOPT path {path!r}")
+
+
+def _make_optimizer(
+    path: str, params: list[torch.nn.Parameter], min_8bit_size: Optional[int] = None
+) -> torch.optim.Optimizer:
+    """The optimizer a path times; ``adopt-.../P`` with ``state_precision=P``."""
     from adopt import ADOPT
 
-    if path == "adopt-single":
-        return ADOPT(params, foreach=False)
-    if path == "adopt-foreach":
-        return ADOPT(params, foreach=True)
-    if path == "adopt-fused":
-        return ADOPT(params, fused=True)
-    if path == "adopt-fused-sr":  # the same step as adopt-fused unless the dtype is 16-bit
-        return ADOPT(params, fused=True, stochastic_rounding=True)
-    if path in OPTION_PATHS:
-        return ADOPT(params, fused=True, **OPTION_PATHS[path])
+    base, precision = split_path(path)
+    if is_adopt_path(base):
+        options = _adopt_options(base)
+        if precision is not None:
+            options["state_precision"] = precision
+            if min_8bit_size is not None:
+                options["min_8bit_size"] = min_8bit_size
+        return ADOPT(params, **options)
+    if precision is not None:
+        raise ValueError(f"{base} has no state precision")
+    if path in PEER_PATHS:
+        return _make_peer(path, params)
     if path == "adamw-foreach":
         return torch.optim.AdamW(params, foreach=True)
     return torch.optim.AdamW(params, fused=True)
 
 
-def _setup_path(path: str, sizes: list[int], device: torch.device, dtype: torch.dtype, warmup: int) -> Callable[[], Any]:
-    """A warmed-up optimizer for fresh tensors of these sizes; returns its step."""
+def _setup_path(
+    path: str, sizes: list[int], device: torch.device, dtype: torch.dtype, warmup: int,
+    min_8bit_size: Optional[int] = None, info: Optional[dict[str, Any]] = None,
+) -> Callable[[], Any]:
+    """A warmed-up optimizer for fresh tensors of these sizes; returns its step. ``info``
+    receives ``state_bytes_per_param``, measured after the warm-up."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(device, dtype)) for n in sizes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
-    optimizer = _make_optimizer(path, params)
+    optimizer = _make_optimizer(path, params, min_8bit_size)
     for _ in range(warmup + 1):  # +1: ADOPT's first step only initialises v
         optimizer.step()
+    if info is not None:
+        info["state_bytes_per_param"] = state_bytes_per_parameter(optimizer)
     return optimizer.step
+
+
+def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
+    """The plain tensors that hold ``value``'s data: a tensor subclass that wraps others
+    (torchao's quantized optimizer states report their dequantized size as ``nbytes``) by
+    its inner tensors, containers by their items."""
+    if isinstance(value, torch.Tensor):
+        flatten = getattr(value, "__tensor_flatten__", None)
+        if type(value) not in (torch.Tensor, torch.nn.Parameter) and flatten is not None:
+            for name in flatten()[0]:
+                yield from _tensors_in(getattr(value, name))
+        else:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+STATE_KEYS_NOT_COUNTED = ("step", "seed")
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` but the step counts and seeds
+    (:data:`STATE_KEYS_NOT_COUNTED`), each storage counted once (a table that several
+    parameters share, such as a quantization map, is stored once)."""
+    seen: set[tuple[str, int, int]] = set()
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key in STATE_KEYS_NOT_COUNTED:
+                continue
+            for tensor in _tensors_in(value):
+                ident = (str(tensor.device), tensor.data_ptr(), tensor.nbytes)
+                if ident not in seen:
+                    seen.add(ident)
+                    total += tensor.nbytes
+    return total
+
+
+def state_bytes_per_parameter(optimizer: torch.optim.Optimizer) -> float:
+    """:func:`state_nbytes` divided by the number of parameter elements of every group."""
+    elements = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return state_nbytes(optimizer) / elements
 
 
 def _setup_add(total: int, device: torch.device, dtype: torch.dtype, warmup: int) -> Callable[[], Any]:
@@ -352,7 +532,7 @@ def reliability_warnings(part: dict[str, Any]) -> list[str]:
     if roof["bandwidth_gb_s"] < MIN_PLAUSIBLE_GB_S:
         warnings.append(f"roofline at {roof['bandwidth_gb_s']:.2g} GB/s is below any plausible memory bandwidth")
     for row in part["results"]:
-        if "error" in row:
+        if "error" in row or "skipped" in row:
             continue
         if row["median_ms"] > SPREAD_LIMIT * row["min_ms"]:
             warnings.append(f"{row['path']}: median {row['median_ms']:.3f} ms is "
@@ -433,6 +613,7 @@ def run_cases(
     quick: bool,
     cache: str = "warm",
     flush_bytes: Optional[int] = None,
+    min_8bit_size: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """Measure every path and the roofline for each case; errors are recorded, not raised.
 
@@ -453,7 +634,11 @@ def run_cases(
         for path in paths:
             progress.start(f"{label} {path}: warm-up")
             try:
-                steps[path] = _setup_path(path, _tensor_sizes(total, tensors), device, dtype, warmup)
+                steps[path] = _setup_path(
+                    path, _tensor_sizes(total, tensors), device, dtype, warmup, min_8bit_size, rows[path]
+                )
+            except PathSkipped as exc:  # an optional peer that is not installed
+                rows[path] = {"path": path, "skipped": str(exc)}
             except Exception as exc:  # a path that cannot run here (no triton, ...) is reported
                 rows[path]["error"] = f"{type(exc).__name__}: {exc}"
             progress.done()
@@ -479,9 +664,19 @@ def _summarise(
     times = dict(times)
     roofline = _roofline(times.pop("add"), total, itemsize)
     out = {path: {**row, "cache": mode} for path, row in rows.items()}
+    own_roofline = any(split_path(path)[1] is not None or path in PEER_PATHS for path in rows)
     for path, samples in times.items():
         out[path].update(median_ms=statistics.median(samples), min_ms=min(samples), times_ms=samples)
-        out[path]["vs_roofline"] = out[path]["median_ms"] / roofline["roofline_ms"]
+        row_roofline = roofline["roofline_ms"]
+        if own_roofline:  # each row against the traffic its state precision needs
+            moved = row_bytes_per_element(path, itemsize)
+            row_roofline = roofline["add_ms"] * moved / (3 * itemsize)
+            out[path].update(roofline_bytes_per_element=moved, roofline_ms=row_roofline)
+        out[path]["vs_roofline"] = out[path]["median_ms"] / row_roofline
+        base, precision = split_path(path)
+        full = times.get(f"{base}/full")
+        if precision is not None and full is not None:
+            out[path]["vs_full"] = out[path]["median_ms"] / statistics.median(full)
     reference = times.get("adamw-fused")
     if reference is not None:
         for path in times:
@@ -552,18 +747,33 @@ def case_modes(case: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return modes
 
 
+def _is_state_case(modes: list[tuple[str, dict[str, Any]]]) -> bool:
+    """A case run with --state-precision (its rows carry their own roofline)."""
+    return any("roofline_bytes_per_element" in row for _, part in modes for row in part["results"])
+
+
 def format_table(cases: list[dict[str, Any]]) -> str:
     """The human-readable summary printed after a run: per case, one line per roofline and
-    one row per path and cache mode; each row's ratios are to the same mode's figures."""
+    one row per path and cache mode; each row's ratios are to the same mode's figures.
+    With --state-precision, also each row's roofline bytes, its state bytes per parameter
+    (measured) and its time against the same path with full-precision state."""
     lines = []
-    header = (
-        f"{'case':<14}{'cache':<7}{'path':<16}{'median ms':>11}{'min ms':>10}{'x roofline':>12}{'x AdamW fused':>15}"
-    )
     for case in cases:
         label = f"{_fmt(case['params'])}/{case['tensors']}"
         modes = case_modes(case)
+        state = _is_state_case(modes)
+        width = 26 if state else 16
+        header = (
+            f"{'case':<14}{'cache':<7}{'path':<{width}}{'median ms':>11}{'min ms':>10}{'x roofline':>12}{'x AdamW fused':>15}"
+        )
+        if state:
+            header += f"{'x full':>8}{'roofline B':>12}{'state B/param':>15}"
         bytes_per_element = modes[0][1]["roofline"]["bytes_per_element"]
-        lines.append(f"{label}: {bytes_per_element} B/element, median of {case['repeats']} steps")
+        if state:
+            lines.append(f"{label}: roofline bytes per element per row (full {bytes_per_element}), median of"
+                         f" {case['repeats']} steps; state bytes measured from optimizer.state")
+        else:
+            lines.append(f"{label}: {bytes_per_element} B/element, median of {case['repeats']} steps")
         for mode, part in modes:
             roof = part["roofline"]
             how = (
@@ -578,14 +788,21 @@ def format_table(cases: list[dict[str, Any]]) -> str:
         lines.append(header)
         for mode, part in modes:
             for row in part["results"]:
-                start = f"{label:<14}{mode:<7}{row['path']:<16}"
+                start = f"{label:<14}{mode:<7}{row['path']:<{width}}"
                 if "error" in row:
                     lines.append(f"{start}  failed: {row['error']}")
                     continue
+                if "skipped" in row:
+                    lines.append(f"{start}  skipped: {row['skipped']}")
+                    continue
                 vs_adamw = f"{row['vs_adamw_fused']:.2f}" if "vs_adamw_fused" in row else "-"
-                lines.append(
-                    f"{start}{row['median_ms']:>11.3f}{row['min_ms']:>10.3f}{row['vs_roofline']:>12.2f}{vs_adamw:>15}"
-                )
+                line = f"{start}{row['median_ms']:>11.3f}{row['min_ms']:>10.3f}{row['vs_roofline']:>12.2f}{vs_adamw:>15}"
+                if state:
+                    vs_full = f"{row['vs_full']:.2f}" if "vs_full" in row else "-"
+                    state_bytes = row.get("state_bytes_per_param")
+                    line += (f"{vs_full:>8}{row.get('roofline_bytes_per_element', '-'):>12}"
+                             f"{'-' if state_bytes is None else f'{state_bytes:.3f}':>15}")
+                lines.append(line)
         warned = [(mode, w) for mode, part in modes for w in part.get("warnings", [])]
         lines.extend(f"  warning ({mode}): {w}" for mode, w in warned)
         if warned:
@@ -604,15 +821,28 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if getattr(args, "state_precision", None):
+        cases = args.sizes or parse_sizes(STATE_QUICK_SIZES if args.quick else STATE_DEFAULT_SIZES)
+    else:
+        cases = args.sizes or parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     dtype = DTYPES[args.dtype]
     flush_bytes = args.flush_mib * 2**20 if args.flush_mib is not None else default_flush_bytes(device)
-    paths = args.paths or tuple(p for p in PATHS if p != "adopt-fused-sr" or args.dtype in SR_DTYPES)
+    precisions = getattr(args, "state_precision", None)
+    min_8bit_size = getattr(args, "min_8bit_size", None)
+    if precisions:
+        paths = state_paths(args.paths or STATE_DEFAULT_PATHS, precisions)
+    else:
+        paths = args.paths or tuple(p for p in PATHS if p != "adopt-fused-sr" or args.dtype in SR_DTYPES)
     results = run_cases(
-        cases, paths, device, dtype, args.warmup, args.repeats, args.quick, args.cache, flush_bytes
+        cases, paths, device, dtype, args.warmup, args.repeats, args.quick, args.cache, flush_bytes, min_8bit_size
     )
     config = {"device": str(device), "dtype": args.dtype, "warmup": args.warmup, "quick": args.quick,
               "cache": args.cache}
+    if precisions:
+        from ._state_formats import MIN_8BIT_SIZE
+
+        config["state_precisions"] = list(precisions)
+        config["min_8bit_size"] = MIN_8BIT_SIZE if min_8bit_size is None else min_8bit_size
     if args.cache != "warm":
         config["flush_bytes"] = flush_bytes
     report = {"machine": _machine(device), "config": config, "cases": results}

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim import Optimizer
 
 from adopt import ADOPT
 
@@ -184,9 +185,11 @@ def train_charlm(
     device: torch.device = torch.device("cpu"),
     evaluations: int = 10,
     progress: Optional[Callable[[int], Any]] = None,
+    optimizer_class: Callable[..., Optimizer] = ADOPT,
 ) -> dict[str, Any]:
-    """Train ``seeds`` models with ``ADOPT(**optimizer_kwargs)`` and parameters stored in
-    ``dtype`` (no float32 copy: forward, backward and update all use ``dtype``).
+    """Train ``seeds`` models with ``optimizer_class(params, **optimizer_kwargs)`` (default
+    ``ADOPT``) and parameters stored in ``dtype`` (no float32 copy: forward, backward and
+    update all use ``dtype``).
 
     The reported losses are always computed in float32 from the stored weights, on fixed
     windows of each split, at ``evaluations + 1`` evenly spaced steps (0 = initialisation).
@@ -195,7 +198,7 @@ def train_charlm(
     """
     weights = [w.to(device, dtype).requires_grad_(True) for w in init_weights(cfg, seeds).values()]
     names = list(_shapes(cfg))
-    optimizer = ADOPT(weights, **optimizer_kwargs)
+    optimizer = optimizer_class(weights, **optimizer_kwargs)
     starts = batch_starts(corpus, cfg, seeds, steps)
     train_text, val_text = corpus.train.to(device), corpus.val.to(device)
     splits = {

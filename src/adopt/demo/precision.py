@@ -21,6 +21,7 @@ import statistics
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from adopt import ADOPT
 
@@ -40,8 +41,10 @@ SIGMAS = 2.0
 def train_digits(
     optimizer_kwargs: Mapping[str, Any], dtype: torch.dtype, epochs: int, seeds: int, device: torch.device,
     progress: Callable[[int], Any] | None = None,
+    optimizer_class: Callable[..., Optimizer] = ADOPT,
 ) -> dict[str, Any]:
-    """The digits MLP with parameters stored in ``dtype``, trained by ``ADOPT(**optimizer_kwargs)``.
+    """The digits MLP with parameters stored in ``dtype``, trained by
+    ``optimizer_class(params, **optimizer_kwargs)`` (default ``ADOPT``).
 
     Initialisation and minibatch order are those of :func:`adopt.demo.digits.run_digits`.
     The training and test losses reported are computed in float32 from the stored weights
@@ -52,7 +55,7 @@ def train_digits(
     init = digits._init_weights(seeds, x_train.shape[1], int(y_train.max()) + 1, device)
     orders = digits._batch_orders(seeds, epochs, n_train).to(device)
     weights = [w.to(dtype).requires_grad_(True) for w in init]
-    optimizer = ADOPT(weights, **optimizer_kwargs)
+    optimizer = optimizer_class(weights, **optimizer_kwargs)
     inputs = x_train.to(dtype)
     curves: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
 

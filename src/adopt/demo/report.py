@@ -300,6 +300,17 @@ def finding(results: dict[str, Any]) -> str:
                 f" (nearest {100 * summary['bfloat16, nearest']['val']['relative_to_float32']:+.1f} %)"
             )
         parts.append("pure bfloat16 with stochastic rounding vs float32: " + ", ".join(verdicts))
+    state = results.get("state")
+    if state is not None:
+        verdicts = []
+        for task, result in state["tasks"].items():
+            summary = result["summary"]
+            verdicts.append(
+                f"{PRECISION_TASKS[task]} val loss {100 * summary['8bit']['val']['relative_to_full']:+.1f} %"
+                f" (bf16 {100 * summary['bf16']['val']['relative_to_full']:+.1f} %,"
+                f" 8-bit nearest {100 * summary['8bit, nearest']['val']['relative_to_full']:+.1f} %)"
+            )
+        parts.append("8-bit optimizer state vs full: " + ", ".join(verdicts))
     title = "\n".join(parts)
     if run_limits(results):
         title += "\n(a short run: what it cannot show is printed with the results)"
@@ -310,7 +321,9 @@ def save_figure(results: dict[str, Any], path: Path) -> None:
     """One row per experiment: θ over steps per β2; loss curves per setting and accuracies."""
     from matplotlib.figure import Figure
 
-    rows = [e for e in ("toy", "digits", "precision") if e in results]
+    rows: list[str] = [e for e in ("toy", "digits", "precision") if e in results]
+    if "state" in results:
+        rows += ["state", "state-relative", "state-toy"]
     fig = Figure(figsize=(17, 5.2 * len(rows)), layout="constrained")
     fig.suptitle(finding(results), fontsize=12)
     grid = fig.add_gridspec(len(rows), 12)
@@ -319,6 +332,12 @@ def save_figure(results: dict[str, Any], path: Path) -> None:
             _plot_toy(fig, grid, row, results["toy"])
         elif experiment == "digits":
             _plot_digits(fig, grid, row, results["digits"])
+        elif experiment == "state":
+            _plot_state(fig, grid, row, results["state"])
+        elif experiment == "state-relative":
+            _plot_state(fig, grid, row, results["state"], relative=True)
+        elif experiment == "state-toy":
+            _plot_state_toy(fig, grid, row, results["state"])
         else:
             _plot_precision(fig, grid, row, results["precision"])
     fig.savefig(path, dpi=110)
@@ -439,3 +458,174 @@ def _plot_precision(fig: Any, grid: Any, row: int, precision: dict[str, Any]) ->
         ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
               title=f"line: mean of {seeds} seeds\nband: min-max", title_fontsize=8)
+
+
+STATE_COLORS = {"full": "black", "bf16": "tab:green", "8bit": "tab:cyan", "8bit, nearest": "tab:red"}
+STATE_STYLES = {"full": ("-", 2.6), "bf16": ("-", 1.6), "8bit": ("--", 1.6), "8bit, nearest": ("-", 1.2)}
+STATE_CONTROL = "8bit, nearest"
+RELATIVE_BAND = 0.02  # the 2 % of the "matches full" criterion, shaded in the relative panels
+
+
+def _bytes_cell(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (" (sim.)" if name == STATE_CONTROL else "")
+
+
+def state_table(state: dict[str, Any]) -> str:
+    """Final train and validation loss per task and state precision, with the change against
+    full precision and the measured state bytes per parameter; then the toy problem."""
+    setup = state["setup"]
+    lines = [
+        f"Optimizer state precision with ADOPT, float32 parameters: final loss (nats), mean +- std over"
+        f" {setup['seeds']} seeds; in brackets the change against full; 'matches' = within max(2 %, 2 seed-std)"
+        " of full",
+        f"min_8bit_size={setup['min_8bit_size']}: every tensor's state in 8 bits, biases and norms included"
+        " (the default 4096 would keep these small models' small tensors in full precision);"
+        " '8bit, nearest' = 8-bit state with round-to-nearest, a control simulated on float32 state (sim.)",
+        f"{'task':<34}{'state':<15}{'train loss':>28}{'validation loss':>28}  {'matches full':<14}{'state B/param':>14}",
+    ]
+    for task, result in state["tasks"].items():
+        title = _task_title(task, result)
+        for name, cell in result["summary"].items():
+            parts = []
+            for split in ("train", "val"):
+                c = cell[split]
+                change = "" if name == "full" else f" ({100 * c['relative_to_full']:+.1f} %)"
+                parts.append(f"{_pm(c['mean'], c['std'], digits=4)}{change}")
+            verdict = "-" if name == "full" else "/".join(
+                "yes" if cell[split]["matches_full"] else "no" for split in ("train", "val")
+            )
+            lines.append(f"{title:<34}{name:<15}{parts[0]:>28}{parts[1]:>28}  {verdict:<14}"
+                         f"{_bytes_cell(name, cell.get('state_bytes_per_param')):>14}")
+            title = ""
+    toy = state["toy"]
+    tsetup = toy["setup"]
+    lines += [
+        "",
+        f"Toy problem, unclipped ADOPT: final theta after {tsetup['steps']} steps, mean +- std over"
+        f" {tsetup['seeds']} seeds (optimum -1); in brackets minus full",
+        f"{'state':<15}" + "".join(f"{'beta2=' + str(b):>26}" for b in BETA2S) + f"{'state B/param':>16}",
+    ]
+    for name, cells in toy["variants"].items():
+        row = []
+        for b in BETA2S:
+            c = cells[str(b)]
+            gap = "" if name == "full" else f" ({c['minus_full']:+.2f})"
+            row.append(f"{_pm(c['final_mean'], c['final_std'], sign=True)}{gap}")
+        lines.append(f"{name:<15}" + "".join(f"{r:>26}" for r in row)
+                     + f"{_bytes_cell(name, cells.get('state_bytes_per_param')):>16}")
+    return "\n".join(lines)
+
+
+def state_reading(state: dict[str, Any]) -> list[str]:
+    """Per task: how far each state precision ends from full, against the tolerance; the toy."""
+    lines = ["Optimizer state precision (train / validation loss against full precision):"]
+    for task, result in state["tasks"].items():
+        summary = result["summary"]
+        parts = []
+        for name in summary:
+            if name == "full":
+                continue
+            cells = summary[name]
+            changes = " / ".join(f"{100 * cells[s]['relative_to_full']:+.1f} %" for s in ("train", "val"))
+            matched = all(cells[s]["matches_full"] for s in ("train", "val"))
+            parts.append(f"{name} {changes} ({'within' if matched else 'outside'} the tolerance)")
+        tolerance = " / ".join(f"{summary['8bit'][s]['tolerance']:.4f}" for s in ("train", "val"))
+        lines.append(f"  {_task_title(task, result)}: {'; '.join(parts)}; tolerance for 8bit {tolerance} nats.")
+    toy = state["toy"]
+    near = {n: [str(b) for b in BETA2S if c[str(b)]["near_optimum"]] for n, c in toy["variants"].items()}
+    toy_matched = {n: [str(b) for b in BETA2S if c[str(b)]["matches_full"]] for n, c in toy["variants"].items()}
+    lines.append(
+        f"  Toy problem ({toy['setup']['steps']} steps, clip off): near the optimum (mean theta <"
+        f" {toy['setup']['near_optimum_below']}) at beta2 = "
+        + "; ".join(f"{n}: {', '.join(b) or 'none'}" for n, b in near.items())
+        + f". Within {toy['setup']['matches_full_within']} of full at beta2 = "
+        + "; ".join(f"{n}: {', '.join(b) or 'none'}" for n, b in toy_matched.items() if n != "full")
+        + "."
+    )
+    stalled = {n: [(b, c[str(b)]["v_stalled_fraction"]) for b in BETA2S if c[str(b)].get("v_stalled_fraction")]
+               for n, c in toy["variants"].items()}
+    lines.append(
+        f"  Toy problem, seeds whose v never changed in the last {toy['setup']['steps'] - toy['setup']['steps'] // 2}"
+        " steps: " + "; ".join(
+            f"{n}: " + (", ".join(f"{100 * f:.0f} % at beta2 = {b}" for b, f in cells) or "none")
+            for n, cells in stalled.items()
+        ) + "."
+    )
+    lines.append(
+        "  Why the control: an 8-bit code keeps 4 or 5 significant bits, so a moment that changes by less than"
+        " half a code step per step (for large beta2, v moves by (1 - beta2) of itself) is rounded back to"
+        " the same code by round-to-nearest and stops moving; ADOPT then divides by a stale v, which is a"
+        " different algorithm even where it happens to descend faster. Stochastic rounding moves the code"
+        " with the probability of the dropped fraction, so the stored v follows full precision's on average."
+    )
+    if state["setup"]["seeds"] < 2:
+        lines.append("  (One seed: no seed-to-seed spread, so the tolerance is the 2 % alone.)")
+    return lines
+
+
+# Drawing order: the control underneath, full precision wide, the low-memory formats on top.
+STATE_ORDER = ("8bit, nearest", "full", "bf16", "8bit")
+
+
+def _plot_state(fig: Any, grid: Any, row: int, state: dict[str, Any], relative: bool = False) -> None:
+    """Training and validation loss per task, one line per state precision; ``relative``:
+    the mean loss's change against full precision's, in percent."""
+    from matplotlib.ticker import MaxNLocator
+
+    seeds = state["setup"]["seeds"]
+    panels = [(task, split) for task in state["tasks"] for split in ("train", "val")]
+    width = 12 // len(panels)
+    for j, (task, split) in enumerate(panels):
+        result = state["tasks"][task]
+        ax = fig.add_subplot(grid[row, width * j : width * (j + 1)])
+        runs = result["runs"]
+        means = {name: [sum(v) / len(v) for v in zip(*run[f"{split}_loss"])] for name, run in runs.items()}
+        for name in (n for n in STATE_ORDER if n in runs):
+            run = runs[name]
+            ls, lw = STATE_STYLES[name]
+            if relative:
+                ref = means["full"]
+                ax.plot(run["steps"], [100 * (m / r - 1) for m, r in zip(means[name], ref)],
+                        color=STATE_COLORS[name], ls=ls, lw=lw, label=name)
+                continue
+            at = list(zip(*run[f"{split}_loss"]))
+            ax.plot(run["steps"], means[name], color=STATE_COLORS[name], ls=ls, lw=lw, label=name)
+            ax.fill_between(run["steps"], [min(v) for v in at], [max(v) for v in at],
+                            color=STATE_COLORS[name], alpha=0.10, lw=0)
+        if task == "digits" and not relative:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(result["setup"]["unit"])
+        what = "training" if split == "train" else ("test" if task == "digits" else "validation")
+        if relative:
+            ax.axhspan(-100 * RELATIVE_BAND, 100 * RELATIVE_BAND, color="gray", alpha=0.12, lw=0)
+            ax.set_ylabel(f"mean {what} loss vs full (%)")
+        else:
+            ax.set_ylabel(f"{what} loss (nats)")
+        ax.set_title(f"{_task_title(task, result)}\n{what} loss{', change vs full' if relative else ''}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    legend = f"state precision\nline: mean of {seeds} seeds\n" + ("band: ±2 %" if relative else "band: min-max")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title=legend, title_fontsize=8)
+
+
+def _plot_state_toy(fig: Any, grid: Any, row: int, state: dict[str, Any]) -> None:
+    """The toy problem: mean theta over steps per state precision, one panel per beta2."""
+    toy = state["toy"]
+    axes: list[Any] = []
+    for j, b in enumerate(BETA2S):
+        ax = fig.add_subplot(grid[row, 3 * j : 3 * j + 3], sharey=axes[0] if axes else None)
+        axes.append(ax)
+        for name in (n for n in STATE_ORDER if n in toy["variants"]):
+            cells = toy["variants"][name]
+            ls, lw = STATE_STYLES[name]
+            ax.plot(toy["steps"], cells[str(b)]["mean"], color=STATE_COLORS[name], ls=ls, lw=lw, label=name)
+        ax.axhline(-1, color="black", lw=0.8, ls=":")
+        ax.set_title(f"toy, ADOPT no clip, β$_2$ = {b} ({toy['setup']['seeds']} seeds)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(-1.08, 0.3)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean θ (optimum −1)")
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="state precision",
+                    title_fontsize=8)
