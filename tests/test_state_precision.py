@@ -513,3 +513,19 @@ def test_damaged_8bit_state_fails_the_step_naming_the_parameter(path: str, damag
     assert message in str(info.value)
     after = [first.detach()] + _stored(opt, first)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_fused_off_the_cpu_without_its_kernel_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent fallback for device tensors (here meta, with the CUDA kernel reported missing)."""
+    from adopt import _state_path
+
+    monkeypatch.setattr(_state_path, "fused_state_available", lambda params: False)
+    p = torch.zeros(8, device="meta")
+    codes = torch.zeros(8, dtype=torch.uint8, device="meta")
+    scales = torch.zeros(1, device="meta")
+    with pytest.raises(RuntimeError, match="fused ADOPT on meta needs the Triton kernel"):
+        _state_path.state_adopt([p], [torch.zeros(8, device="meta")], [codes], [codes.clone()], [scales],
+                                [scales.clone()], [torch.zeros(())], [torch.zeros((), dtype=torch.int64)], None, None,
+                                fmt="8bit", path="fused", beta1=0.9, beta2=0.999, lr=1e-3, clip_lambda=None,
+                                weight_decay=0.0, decouple=False, eps=1e-6, maximize=False, capturable=False,
+                                stochastic_rounding=False)

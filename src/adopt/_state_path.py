@@ -266,6 +266,9 @@ def state_adopt(
         if fused_state_available(params):
             _fused(lists, grad_scale, found_inf, fmt=fmt, stochastic_rounding=stochastic_rounding, **hyper)
             return
+        off_cpu = next((p.device for p in params if not p.is_cpu), None)
+        if off_cpu is not None:  # as the full-precision fused path: no silent fallback on a device
+            raise RuntimeError(f"fused ADOPT on {off_cpu} needs the Triton kernel (pip install triton)")
         _warn_fallback_once("fused=True runs the foreach path for low-precision state instead")
         if found_inf is not None and float(found_inf) != 0.0:
             return
