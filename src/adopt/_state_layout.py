@@ -27,7 +27,7 @@ from . import _state_formats as formats
 from ._state_path import LOW_PRECISION_FORMATS, STATE_PARAM_DTYPES, local_shard, scale_blocks, shard_rows
 
 __all__ = [
-    "CODE_KEYS", "SCALE_KEYS", "LOW_PRECISION_FORMATS", "target_format", "same_storage", "layout_of", "check_param",
+    "CODE_KEYS", "SCALE_KEYS", "LOW_PRECISION_FORMATS", "target_format", "stored_format", "layout_of", "check_param",
     "zero_moments", "decoded", "converted", "restore_quantized", "check_loaded",
 ]
 
@@ -42,12 +42,10 @@ def target_format(group: dict[str, Any], p: Tensor) -> str:
     return formats.storage_format(group["state_precision"], p.numel(), group["min_8bit_size"])
 
 
-def same_storage(stored: str, wanted: str, p: Tensor) -> bool:
-    """Whether a state stored as ``stored`` serves a ``wanted`` step as it is."""
-    if stored == wanted:
-        return True
-    bf16_alike = {stored, wanted} == {"full", "bf16"}
-    return bf16_alike and p.dtype == torch.bfloat16
+def stored_format(fmt: str, p: Tensor) -> str:
+    """How moments of format ``fmt`` are stored for ``p``, as :func:`layout_of` reports it:
+    "bf16" moments of a bfloat16 parameter are its "full" tensors (only their rounding differs)."""
+    return "full" if fmt == "bf16" and p.dtype == torch.bfloat16 else fmt
 
 
 def layout_of(state: dict[str, Any], p: Tensor) -> str:

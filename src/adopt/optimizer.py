@@ -314,18 +314,10 @@ class ADOPT(Optimizer):
             assert seeds is not None and exp_avg_scales is not None and exp_avg_sq_scales is not None
             return self._init_low_precision_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds,
                                                   exp_avg_scales, exp_avg_sq_scales)
-        all_params = group["params"]
-        all_grads = [p.grad for p in all_params]
-        params.extend([p for p, g in zip(all_params, all_grads) if g is not None])
+        all_grads = [p.grad for p in group["params"]]
+        params.extend([p for p, g in zip(group["params"], all_grads) if g is not None])
         grads.extend([g for g in all_grads if g is not None])
-        if any(map(_is_sparse, grads)):
-            p_idx = next(i for i, g in enumerate(all_grads) if g is not None and g.is_sparse)
-            raise RuntimeError(  # torch.optim.Adam's words, with ADOPT's name
-                "ADOPT does not support sparse gradients, please consider SparseAdam instead: "
-                f"{self._where(group, p_idx)} (shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
-            )
-        if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
-            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        self._check_grads(group, all_grads, grads)
         states = [state or None for state in map(self.state.get, params)]  # {} is no state, as in torch
         if group["differentiable"] and any(state and state["step"].requires_grad for state in states):
             raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
@@ -341,6 +333,18 @@ class ADOPT(Optimizer):
         if group["stochastic_rounding"] and seeds is not None:
             seeds.extend(self._seeds(params, ready))
         return any(map(Tensor.is_complex, params))
+
+    def _check_grads(self, group: dict[str, Any], all_grads: list[Optional[Tensor]], grads: list[Tensor]) -> None:
+        """Raise for a sparse gradient (naming its parameter) or a Tensor lr with foreach and
+        capturable=False; ``all_grads``: one per parameter of the group, ``grads``: those set."""
+        if any(map(_is_sparse, grads)):
+            p_idx = next(i for i, g in enumerate(all_grads) if g is not None and g.is_sparse)
+            raise RuntimeError(  # torch.optim.Adam's words, with ADOPT's name
+                "ADOPT does not support sparse gradients, please consider SparseAdam instead: "
+                f"{self._where(group, p_idx)} (shape {tuple(group['params'][p_idx].shape)}) has a sparse gradient"
+            )
+        if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
 
     def _init_low_precision_group(
         self,
@@ -363,16 +367,9 @@ class ADOPT(Optimizer):
         converts state stored in another layout (recorded for a failed step's rollback), then
         checks every tensor. Returns ``(has_complex, n_full, n_bf16)``.
         """
-        all_params = group["params"]
-        with_grad = [p for p in all_params if p.grad is not None]
-        if any(cast(Tensor, p.grad).is_sparse for p in with_grad):
-            p_idx = next(i for i, p in enumerate(all_params) if p.grad is not None and p.grad.is_sparse)
-            raise RuntimeError(
-                "ADOPT does not support sparse gradients, please consider SparseAdam instead: "
-                f"{self._where(group, p_idx)} (shape {tuple(all_params[p_idx].shape)}) has a sparse gradient"
-            )
-        if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
-            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        all_grads = [p.grad for p in group["params"]]
+        with_grad = [p for p, g in zip(group["params"], all_grads) if g is not None]
+        self._check_grads(group, all_grads, [g for g in all_grads if g is not None])
         wanted = {p: layout.target_format(group, p) for p in with_grad}
         for p in with_grad:
             layout.check_param(p, wanted[p], functools.partial(self._where_param, group, p))
@@ -438,10 +435,11 @@ class ADOPT(Optimizer):
             state = states[i]
             if state is None:
                 continue
-            stored, wanted = layout.layout_of(state, p), layout.target_format(group, p)
-            if layout.same_storage(stored, wanted, p):
+            wanted = layout.target_format(group, p)
+            stored = layout.stored_format(wanted, p)
+            if layout.layout_of(state, p) == stored:
                 continue
-            new = layout.converted(state, p, "full" if wanted == "bf16" and p.dtype == torch.bfloat16 else wanted)
+            new = layout.converted(state, p, stored)
             if replaced is not None:
                 replaced.append((p, state))
             states[i] = self.state[p] = new
@@ -484,7 +482,7 @@ class ADOPT(Optimizer):
             self.state.pop(p, None)  # re-added as a new key, so a failed step's rollback removes it
             states[i] = self.state[p] = {
                 "step": torch.zeros((), dtype=torch.float32, device=_step_device(group, p)),
-                **layout.zero_moments(p, "full" if fmt == "bf16" and p.dtype == torch.bfloat16 else fmt),
+                **layout.zero_moments(p, layout.stored_format(fmt, p)),
             }
             if fmt != "full":
                 self._low_precision_seen = True
@@ -593,7 +591,7 @@ class ADOPT(Optimizer):
         found_inf: Optional[Tensor],
     ) -> None:
         """One group's tensors with state stored as ``fmt`` ("bf16" or "8bit")."""
-        params = lists[0]
+        params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds = lists
         if group["fused"]:
             path = "fused"
         elif group["foreach"] is not None:
@@ -603,7 +601,6 @@ class ADOPT(Optimizer):
             if path == "fused" and not fused_state_available(params):
                 path = "foreach"
         beta1, beta2 = group["betas"]
-        params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds = lists
         state_adopt(
             params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, seeds,
             grad_scale if path == "fused" else None, found_inf if path == "fused" else None,
