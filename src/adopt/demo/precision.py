@@ -90,21 +90,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def compare(runs: dict[str, dict[str, Any]], reference: str = "float32") -> dict[str, Any]:
     """Per variant and split: mean and std of the final loss over seeds, its change relative
-    to float32, the tolerance max(2 %, 2 sigma) and whether it is met."""
+    to the ``reference`` variant (``relative_to_<reference>``), the tolerance max(2 %,
+    2 sigma) and whether it is met (``matches_<reference>``)."""
     summary: dict[str, Any] = {}
     for split in ("train", "val"):
-        ref_mean, ref_std = _mean_std(runs["float32"][f"final_{split}_loss"])
+        ref_mean, ref_std = _mean_std(runs[reference][f"final_{split}_loss"])
         for name, run in runs.items():
             mean, std = _mean_std(run[f"final_{split}_loss"])
             tolerance = max(RELATIVE_TOLERANCE * ref_mean, SIGMAS * max(std, ref_std))
             summary.setdefault(name, {})[split] = {
                 "mean": mean,
                 "std": std,
-                "relative_to_float32": mean / ref_mean - 1,
+                f"relative_to_{reference}": mean / ref_mean - 1,
                 "tolerance": tolerance,
-                "matches_float32": abs(mean - ref_mean) <= tolerance,
+                f"matches_{reference}": abs(mean - ref_mean) <= tolerance,
             }
     return summary
 

@@ -87,17 +87,30 @@ def precision_table(precision: dict[str, Any]) -> str:
     for task, result in precision["tasks"].items():
         title = _task_title(task, result)
         for name, cell in result["summary"].items():
-            parts = []
-            for split in ("train", "val"):
-                c = cell[split]
-                change = "" if name == "float32" else f" ({100 * c['relative_to_float32']:+.1f} %)"
-                parts.append(f"{_pm(c['mean'], c['std'], digits=4)}{change}")
-            verdict = "-" if name == "float32" else "/".join(
-                "yes" if cell[split]["matches_float32"] else "no" for split in ("train", "val")
-            )
+            *parts, verdict = _loss_cells(cell, name, "float32")
             lines.append(f"{title:<38}{name:<24}{parts[0]:>28}{parts[1]:>28}  {verdict}")
             title = ""
     return "\n".join(lines)
+
+
+def _loss_cells(cell: dict[str, Any], name: str, reference: str) -> tuple[str, str, str]:
+    """A table row's train and validation loss (mean +- std, change against ``reference``)
+    and its verdict ("yes"/"no" per split, "-" for the reference itself)."""
+    parts = []
+    for split in ("train", "val"):
+        c = cell[split]
+        change = "" if name == reference else f" ({100 * c[f'relative_to_{reference}']:+.1f} %)"
+        parts.append(f"{_pm(c['mean'], c['std'], digits=4)}{change}")
+    verdict = "-" if name == reference else "/".join(
+        "yes" if cell[split][f"matches_{reference}"] else "no" for split in ("train", "val")
+    )
+    return parts[0], parts[1], verdict
+
+
+def _changes(cells: dict[str, Any], reference: str) -> tuple[str, bool]:
+    """"train / val" changes against ``reference`` and whether both are within the tolerance."""
+    changes = " / ".join(f"{100 * cells[s][f'relative_to_{reference}']:+.1f} %" for s in ("train", "val"))
+    return changes, all(cells[s][f"matches_{reference}"] for s in ("train", "val"))
 
 
 def precision_reading(precision: dict[str, Any]) -> list[str]:
@@ -107,9 +120,7 @@ def precision_reading(precision: dict[str, Any]) -> list[str]:
         summary = result["summary"]
         parts = []
         for name in ("bfloat16, stochastic", "bfloat16, nearest"):
-            cells = summary[name]
-            changes = " / ".join(f"{100 * cells[s]['relative_to_float32']:+.1f} %" for s in ("train", "val"))
-            matched = all(cells[s]["matches_float32"] for s in ("train", "val"))
+            changes, matched = _changes(summary[name], "float32")
             parts.append(f"{name.split(', ')[1]} rounding {changes} ({'within' if matched else 'outside'} the tolerance)")
         tolerance = " / ".join(f"{summary['bfloat16, stochastic'][s]['tolerance']:.4f}" for s in ("train", "val"))
         lines.append(f"  {_task_title(task, result)}: {'; '.join(parts)}; tolerance for stochastic rounding"
@@ -488,14 +499,7 @@ def state_table(state: dict[str, Any]) -> str:
     for task, result in state["tasks"].items():
         title = _task_title(task, result)
         for name, cell in result["summary"].items():
-            parts = []
-            for split in ("train", "val"):
-                c = cell[split]
-                change = "" if name == "full" else f" ({100 * c['relative_to_full']:+.1f} %)"
-                parts.append(f"{_pm(c['mean'], c['std'], digits=4)}{change}")
-            verdict = "-" if name == "full" else "/".join(
-                "yes" if cell[split]["matches_full"] else "no" for split in ("train", "val")
-            )
+            *parts, verdict = _loss_cells(cell, name, "full")
             lines.append(f"{title:<34}{name:<15}{parts[0]:>28}{parts[1]:>28}  {verdict:<14}"
                          f"{_bytes_cell(name, cell.get('state_bytes_per_param')):>14}")
             title = ""
@@ -527,9 +531,7 @@ def state_reading(state: dict[str, Any]) -> list[str]:
         for name in summary:
             if name == "full":
                 continue
-            cells = summary[name]
-            changes = " / ".join(f"{100 * cells[s]['relative_to_full']:+.1f} %" for s in ("train", "val"))
-            matched = all(cells[s]["matches_full"] for s in ("train", "val"))
+            changes, matched = _changes(summary[name], "full")
             parts.append(f"{name} {changes} ({'within' if matched else 'outside'} the tolerance)")
         tolerance = " / ".join(f"{summary['8bit'][s]['tolerance']:.4f}" for s in ("train", "val"))
         lines.append(f"  {_task_title(task, result)}: {'; '.join(parts)}; tolerance for 8bit {tolerance} nats.")

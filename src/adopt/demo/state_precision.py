@@ -45,7 +45,6 @@ deviations) of full precision's (the larger of the two variants' stds), as in
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -55,7 +54,8 @@ from torch.optim import Optimizer
 from adopt import ADOPT
 from adopt import _state_formats as formats
 
-from . import charlm, digits, toy
+from . import charlm, digits, precision, toy
+from .precision import RELATIVE_TOLERANCE, SIGMAS
 
 MIN_8BIT_SIZE = 0  # every tensor's state in 8 bits (the optimizer's default is 4096)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -67,8 +67,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 REFERENCE = "full"
 DIGITS_LR = 1e-3  # the digits experiment's own
 LM_LR = 1e-3
-RELATIVE_TOLERANCE = 0.02
-SIGMAS = 2.0
 NEAR_OPTIMUM = -0.5  # toy: a final mean theta below this is near the optimum -1 (as adopt.demo.report)
 TOY_GAP = 0.05  # toy: a final mean theta within this of full precision's "matches full"
 _TOY_CHECKPOINTS = 200
@@ -157,28 +155,12 @@ def shared_block_elements(shapes: Iterable[tuple[int, ...]], seeds: int) -> int:
     return sum(seeds * math.prod(s) for s in shapes if math.prod(s) % formats.BLOCK_SIZE)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per variant and split: mean and std of the final loss over seeds, its change relative
-    to full precision, the tolerance max(2 %, 2 sigma) and whether it is met."""
-    summary: dict[str, Any] = {}
-    for split in ("train", "val"):
-        ref_mean, ref_std = _mean_std(runs[REFERENCE][f"final_{split}_loss"])
-        for name, run in runs.items():
-            mean, std = _mean_std(run[f"final_{split}_loss"])
-            tolerance = max(RELATIVE_TOLERANCE * ref_mean, SIGMAS * max(std, ref_std))
-            summary.setdefault(name, {})[split] = {
-                "mean": mean,
-                "std": std,
-                "relative_to_full": mean / ref_mean - 1,
-                "tolerance": tolerance,
-                "matches_full": abs(mean - ref_mean) <= tolerance,
-            }
-        for name, run in runs.items():
-            summary[name]["state_bytes_per_param"] = run.get("state_bytes_per_param")
+    """:func:`adopt.demo.precision.compare` against full precision, with each variant's
+    measured state bytes per parameter."""
+    summary = precision.compare(runs, REFERENCE)
+    for name, run in runs.items():
+        summary[name]["state_bytes_per_param"] = run.get("state_bytes_per_param")
     return summary
 
 
