@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._foreach import foreach_adopt
 from ._grouping import TensorGroup, group_tensors
+from ._kernels._triton_common import Clip
 from ._random import SR_DTYPES
 from .schedules import ClipSchedule, PowerClip, device_thresholds, host_thresholds
 
@@ -497,6 +498,23 @@ def _on_device(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
 
+def triton_clip_and_lr(
+    clip_lambda: Optional[ClipSchedule], lr: Union[float, Tensor], steps: list[Tensor], device: torch.device
+) -> tuple[Clip, Union[float, Tensor]]:
+    """The Triton kernels' ``clip`` (None, ``("power", exponent)``, or per-tensor thresholds
+    computed on the device) and ``lr`` (a float, or a tensor on ``device``), with no sync."""
+    clip: Clip
+    if clip_lambda is None:
+        clip = None
+    elif isinstance(clip_lambda, PowerClip):
+        clip = ("power", clip_lambda.exponent)
+    else:
+        clip = ("tensor", device_thresholds(clip_lambda, steps).to(device, torch.float32))
+    if isinstance(lr, Tensor):
+        lr = float(lr) if lr.is_cpu else lr.to(device, non_blocking=True)  # a CPU read is not a device sync
+    return clip, lr
+
+
 def _plan_cuda(
     group: TensorGroup, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], hyper: _Hyper
 ) -> Callable[[], None]:
@@ -514,17 +532,7 @@ def _plan_cuda(
     device = group.device
     if not all(s.device == device and s.dtype == torch.float32 for s in group.steps):
         raise ValueError(f"fused ADOPT needs float32 step tensors on {device} (create state with fused=True)")
-    clip_lambda = hyper.clip_lambda
-    clip: triton_adopt.Clip
-    if clip_lambda is None:
-        clip = None
-    elif isinstance(clip_lambda, PowerClip):
-        clip = ("power", clip_lambda.exponent)
-    else:
-        clip = ("tensor", device_thresholds(clip_lambda, group.steps).to(device, torch.float32))
-    lr: Union[float, Tensor] = hyper.lr
-    if isinstance(lr, Tensor):
-        lr = float(lr) if lr.is_cpu else lr.to(device, non_blocking=True)  # a CPU read is not a device sync
+    clip, lr = triton_clip_and_lr(hyper.clip_lambda, hyper.lr, group.steps, device)
     scale, inf = _on_device(grad_scale, device), _on_device(found_inf, device)
     seeds = None
     if group.seeds is not None and group.params[0].dtype in SR_DTYPES:

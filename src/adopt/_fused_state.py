@@ -18,12 +18,11 @@ import torch
 from torch import Tensor
 
 from . import _fused
+from . import _state_formats as formats
 from .schedules import ClipSchedule, PowerClip, host_thresholds
 
 __all__ = ["fused_state_cpu", "fused_state_cpu_available"]
 
-_FORMATS = ("bf16", "8bit")
-_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def fused_state_cpu_available() -> bool:
@@ -81,8 +80,8 @@ def fused_state_cpu(
         RuntimeError: the C kernel is not built.
         ValueError / TypeError: a bad argument or tensor (naming it); nothing is modified.
     """
-    if fmt not in _FORMATS:
-        raise ValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
+    if fmt not in formats.LOW_PRECISIONS:
+        raise ValueError(f"fmt must be one of {formats.LOW_PRECISIONS}, got {fmt!r}")
     kernel = _fused._cpu_kernel()
     if kernel is None or not hasattr(kernel, "step_state"):
         raise RuntimeError("the fused CPU kernel (adopt._kernels._adopt_cpu) with step_state is not available")
@@ -103,7 +102,7 @@ def fused_state_cpu(
         if len(values) != n:
             raise ValueError(f"{name} has {len(values)} entries but params has {n}")
     for i, p in enumerate(params):
-        if not isinstance(p, Tensor) or p.dtype not in _STATE_DTYPES:
+        if not isinstance(p, Tensor) or p.dtype not in formats.STATE_PARAM_DTYPES:
             got = p.dtype if isinstance(p, Tensor) else type(p).__name__
             raise TypeError(f"params[{i}]: state_precision {fmt!r} supports float32, bfloat16 and float16, got {got}")
 

@@ -104,6 +104,8 @@ from ._random import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, element_bits, step_key, 
 
 __all__ = [
     "STATE_PRECISIONS",
+    "LOW_PRECISIONS",
+    "STATE_PARAM_DTYPES",
     "BLOCK_SIZE",
     "MIN_8BIT_SIZE",
     "MOMENTS",
@@ -124,6 +126,9 @@ __all__ = [
 ]
 
 STATE_PRECISIONS = ("full", "bf16", "8bit")
+LOW_PRECISIONS = ("bf16", "8bit")  # the formats a step decodes and encodes
+# Parameter dtypes whose moments can be stored in low precision (the arithmetic is float32).
+STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_SIZE = 256
 # Below this many elements a tensor's state stays in full precision (as bitsandbytes): the
 # saving is negligible and small tensors (biases, norms) are the most sensitive.

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from . import _state_formats as formats
-from ._state_path import LOW_PRECISION_FORMATS, STATE_PARAM_DTYPES, local_shard, scale_blocks, shard_rows
+from ._state_path import local_shard, scale_blocks, shard_rows
 
 __all__ = [
-    "CODE_KEYS", "SCALE_KEYS", "LOW_PRECISION_FORMATS", "target_format", "stored_format", "layout_of", "check_param",
+    "CODE_KEYS", "SCALE_KEYS", "target_format", "stored_format", "layout_of", "check_param",
     "zero_moments", "decoded", "converted", "restore_quantized", "check_loaded",
 ]
 
@@ -60,9 +60,9 @@ def layout_of(state: dict[str, Any], p: Tensor) -> str:
 
 def check_param(p: Tensor, fmt: str, where: Callable[[], str]) -> None:
     """ValueError (naming ``where()``) unless a low-precision ``fmt`` can store ``p``'s moments."""
-    if fmt == "full" or (type(p) in _PLAIN and p.dtype in STATE_PARAM_DTYPES):
+    if fmt == "full" or (type(p) in _PLAIN and p.dtype in formats.STATE_PARAM_DTYPES):
         return
-    if p.dtype not in STATE_PARAM_DTYPES:
+    if p.dtype not in formats.STATE_PARAM_DTYPES:
         raise ValueError(
             f"state_precision={fmt!r} stores the moments of float32, bfloat16 and float16 parameters; {where()} is "
             f"{p.dtype} (give it a param group with state_precision='full')"

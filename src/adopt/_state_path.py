@@ -27,16 +27,12 @@ from torch import Tensor
 
 from . import _state_formats as formats
 from ._foreach import foreach_adopt
-from ._fused import _cpu_kernel, _warn_fallback_once, fused_cuda_available
+from ._fused import _warn_fallback_once, fused_cuda_available, triton_clip_and_lr
 from ._single_tensor import single_tensor_adopt
-from .schedules import ClipSchedule, PowerClip, device_thresholds
+from .schedules import ClipSchedule
 
-__all__ = ["state_adopt", "check_state_tensors", "scale_blocks", "local_shard", "LOW_PRECISION_FORMATS",
-           "STATE_PARAM_DTYPES"]
+__all__ = ["state_adopt", "check_state_tensors", "scale_blocks", "local_shard"]
 
-LOW_PRECISION_FORMATS = ("bf16", "8bit")
-# Parameter dtypes whose moments can be stored in low precision (the arithmetic is float32).
-STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The torch-op paths decode at most this many elements at once (plus one tensor larger than
 # it): the float32 copies of m and v then take at most 8 bytes times this.
@@ -111,8 +107,8 @@ def check_state_tensors(
     every tensor is what a ``fmt`` step reads and writes: gradients of the parameter's shape,
     dtype and device; moments as :data:`adopt._state_formats` stores them (contiguous, on the
     parameter's device); one-element steps and int64 seeds."""
-    if fmt not in LOW_PRECISION_FORMATS:
-        raise ValueError(f"state_precision must be one of {LOW_PRECISION_FORMATS} here, got {fmt!r}")
+    if fmt not in formats.LOW_PRECISIONS:
+        raise ValueError(f"state_precision must be one of {formats.LOW_PRECISIONS} here, got {fmt!r}")
     n = len(params)
     if seeds is None:
         raise ValueError(f"state_precision={fmt!r} needs one seed per parameter ({n}), got None")
@@ -129,7 +125,7 @@ def check_state_tensors(
         return
     where = name or "params[{}]".format
     for i, p in enumerate(params):
-        if not isinstance(p, Tensor) or p.dtype not in STATE_PARAM_DTYPES:
+        if not isinstance(p, Tensor) or p.dtype not in formats.STATE_PARAM_DTYPES:
             got = p.dtype if isinstance(p, Tensor) else type(p).__name__
             raise RuntimeError(
                 f"ADOPT: state_precision={fmt!r} stores the moments of float32, bfloat16 and float16 "
@@ -183,7 +179,7 @@ def _plainly_valid(
         lists += [exp_avg_scales, exp_avg_sq_scales]
     if not all(set(map(type, ts)) <= _PLAIN for ts in lists):
         return False
-    if not set(map(_dtype, params)) <= set(STATE_PARAM_DTYPES) or set(map(_dtype, seeds)) - {torch.int64}:
+    if not set(map(_dtype, params)) <= set(formats.STATE_PARAM_DTYPES) or set(map(_dtype, seeds)) - {torch.int64}:
         return False
     dtypes, shapes, devices = list(map(_dtype, params)), list(map(_shape, params)), list(map(_device, params))
     if list(map(_dtype, grads)) != dtypes or list(map(_shape, grads)) != shapes:
@@ -299,8 +295,9 @@ def fused_state_available(params: list[Tensor]) -> bool:
     """Whether the fused kernels for low-precision state can run every one of ``params``
     (the C extension with its low-precision step on CPU; triton on CUDA)."""
     if all(p.is_cpu for p in params):
-        kernel = _cpu_kernel()
-        return kernel is not None and hasattr(kernel, "step_state")
+        from ._fused_state import fused_state_cpu_available
+
+        return fused_state_cpu_available()
     return all(p.is_cpu or p.is_cuda for p in params) and fused_cuda_available() and (
         not any(p.is_cpu for p in params) or fused_state_available([p for p in params if p.is_cpu]))
 
@@ -356,15 +353,7 @@ def _launch_cuda(
     assert steps is not None and seeds is not None
     if not all(s.device == device and s.dtype == torch.float32 for s in steps):
         raise ValueError(f"fused ADOPT needs float32 step tensors on {device} (create state with fused=True)")
-    clip: object
-    if clip_lambda is None:
-        clip = None
-    elif isinstance(clip_lambda, PowerClip):
-        clip = ("power", clip_lambda.exponent)
-    else:
-        clip = ("tensor", device_thresholds(clip_lambda, steps).to(device, torch.float32))
-    if isinstance(lr, Tensor):
-        lr = float(lr) if lr.is_cpu else lr.to(device, non_blocking=True)
+    clip, lr = triton_clip_and_lr(clip_lambda, lr, steps, device)
     triton_state.launch_state_group(
         params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps, fmt=fmt,
         seeds=torch.stack([s.reshape(()) for s in seeds]).to(device, torch.int64),

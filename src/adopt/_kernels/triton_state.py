@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import _random
-from .._state_formats import BLOCK_SIZE, FORMATS
+from .._state_formats import BLOCK_SIZE, FORMATS, LOW_PRECISIONS
 from . import _triton_common as common
 from . import triton_adopt
 from ._triton_common import Clip
@@ -63,7 +63,7 @@ if triton is not None:
 
 __all__ = ["triton_available", "launch_state_group", "plan_builds", "clear_plan_cache", "STATE_FORMATS"]
 
-STATE_FORMATS = ("8bit", "bf16")
+STATE_FORMATS = LOW_PRECISIONS
 _FMT_BF16, _FMT_8BIT = 0, 1
 _ROW = 9  # int64 fields per tensor: p, g, m, v, m scales, v scales, step addresses, numel, programs
 _NUM_WARPS = 8
