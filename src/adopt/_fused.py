@@ -164,7 +164,7 @@ def fused_adopt(
     kernel = _cpu_kernel()
     if kernel is not None and not has_complex and params[0].is_cpu:
         # Common case first: one CPU dtype group, validated and run by a single C call.
-        clip = _cpu_clip(kernel, state_steps, hyper)
+        clip = cpu_clip(kernel, state_steps, hyper.clip_lambda, hyper.capturable)
         if clip is not None:
             status = _run_cpu(kernel, TensorGroup(params, grads, exp_avgs, exp_avg_sqs, state_steps, seeds),
                               grad_scale, found_inf, hyper, clip)
@@ -261,15 +261,15 @@ _ClipSpec = tuple[Optional[float], Optional[Tensor]]
 
 
 def _clip_spec(
-    hyper: _Hyper, state_steps: list[Tensor], read_counts: Callable[[list[Tensor]], Optional[list[int]]]
+    clip: Optional[ClipSchedule], capturable: bool, state_steps: list[Tensor],
+    read_counts: Callable[[list[Tensor]], Optional[list[int]]],
 ) -> Optional[_ClipSpec]:
     """The clip of a CPU group; None if its steps are not CPU scalars ``read_counts`` can read."""
-    clip = hyper.clip_lambda
     if clip is None:
         return None, None
     if isinstance(clip, PowerClip):
         return clip.exponent, None
-    if hyper.capturable:
+    if capturable:
         if not all(s.is_cpu for s in state_steps):
             return None
         return None, device_thresholds(clip, state_steps).to(torch.float64).contiguous()
@@ -288,9 +288,12 @@ def _kernel_clip(kernel: ModuleType, spec: _ClipSpec) -> _CpuClip:
     return kernel.CLIP_NONE, None, 0.0
 
 
-def _cpu_clip(kernel: ModuleType, state_steps: list[Tensor], hyper: _Hyper) -> Optional[_CpuClip]:
-    """The clip arguments of the C kernel; None if the steps are not CPU float32 scalars."""
-    spec = _clip_spec(hyper, state_steps, kernel.host_steps)
+def cpu_clip(
+    kernel: ModuleType, state_steps: list[Tensor], clip: Optional[ClipSchedule], capturable: bool
+) -> Optional[_CpuClip]:
+    """The clip arguments of the C kernel (mode, threshold table, exponent); None if the steps
+    are not CPU float32 scalars."""
+    spec = _clip_spec(clip, capturable, state_steps, kernel.host_steps)
     return None if spec is None else _kernel_clip(kernel, spec)
 
 
@@ -397,7 +400,7 @@ def _plan_cpu(
         return _plan_fallback(groups, grad_scale, found_inf, hyper)
     runs = []
     for group in groups:
-        clip = _cpu_clip(kernel, group.steps, hyper)
+        clip = cpu_clip(kernel, group.steps, hyper.clip_lambda, hyper.capturable)
         if clip is None:
             raise ValueError("fused ADOPT on CPU needs each state step as a float32 CPU scalar tensor")
         runs.append(_plan_cpu_group(kernel, group, grad_scale, found_inf, hyper, clip))
@@ -625,7 +628,7 @@ def _traced_fused_adopt(
             continue
         group = _local_group(group)
         # A schedule that takes host ints needs the steps read; the kernel validates them.
-        spec = _clip_spec(hyper, group.steps, lambda steps: [int(s.item()) for s in steps])
+        spec = _clip_spec(hyper.clip_lambda, hyper.capturable, group.steps, lambda steps: [int(s.item()) for s in steps])
         if spec is None:
             raise ValueError("fused ADOPT on CPU needs each state step as a float32 CPU scalar tensor")
         exponent, table = spec

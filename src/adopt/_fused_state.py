@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _fused
 from . import _state_formats as formats
-from .schedules import ClipSchedule, PowerClip, host_thresholds
+from .schedules import ClipSchedule
 
 __all__ = ["fused_state_cpu", "fused_state_cpu_available"]
 
@@ -107,16 +107,10 @@ def fused_state_cpu(
             raise TypeError(f"params[{i}]: state_precision {fmt!r} supports float32, bfloat16 and float16, got {got}")
 
     # Clip thresholds: PowerClip in the kernel, a custom schedule as a host table.
-    if clip_lambda is None:
-        mode, exponent, table = kernel.CLIP_NONE, 0.0, None
-    elif isinstance(clip_lambda, PowerClip):
-        mode, exponent, table = kernel.CLIP_POWER, float(clip_lambda.exponent), None
-    else:
-        counts = kernel.host_steps(state_steps)
-        if counts is None:
-            raise ValueError("the fused state step needs each state step as a float32 CPU scalar tensor")
-        mode, exponent = kernel.CLIP_TABLE, 0.0
-        table = torch.tensor(host_thresholds(clip_lambda, counts), dtype=torch.float64)
+    clip = _fused.cpu_clip(kernel, state_steps, clip_lambda, capturable=False)
+    if clip is None:
+        raise ValueError("the fused state step needs each state step as a float32 CPU scalar tensor")
+    mode, table, exponent = clip
     if isinstance(lr, Tensor) and not lr.is_cpu:
         raise ValueError("the fused CPU state step takes lr as a float or a CPU tensor")
     lr_value = float(lr) if isinstance(lr, Tensor) else lr
