@@ -654,17 +654,22 @@ ADOPT_INLINE uint32_t enc_m8(uint32_t x, uint32_t r, int32_t o) {
     const uint32_t a = x & 0x7FFFFFFFu;
     const int32_t normal = (int32_t)((a + (r >> 13)) >> 19) - o * 16;
     const int32_t ex = (int32_t)(a >> 23);
-    const int32_t e = (ex > 1 ? ex : 1) - o;
-    /* e <= 0: the subnormal range, (F + (r >> (32 - d))) >> d with d = 20 - e, computed in
-     * 32 bits as (F >> d) + carry((F mod 2^d) + (r >> (32 - d))); d > 32 rounds to 0. */
-    const int32_t d = 20 - e;
-    const int32_t dc = d < 20 ? 20 : d > 32 ? 32 : d;
-    const uint32_t s1 = (uint32_t)(32 - dc);
-    const uint32_t rr = r >> s1, mask = 0xFFFFFFFFu >> s1;
-    const uint32_t f = (a & 0x7FFFFFu) | (ex > 0 ? 0x800000u : 0u);
-    const uint32_t sub = (f >> (uint32_t)(dc < 31 ? dc : 31)) + (rr > mask - (f & mask) ? 1u : 0u);
-    int32_t q = e >= 1 ? normal : d <= 32 ? (int32_t)sub : 0;
-    q = q > 127 ? 127 : q;
+    /* e <= 0 (ex <= o): the subnormal range, (F + (r >> (32 - d))) >> d with d = 20 - e.
+     * That is floor(X + r / 2^32) for X = F / 2^d = |x| * 2^(130 - o), exact in float32
+     * (<= 24 significant bits, >= 2^-32), so q = floor(X) + carry(frac(X) * 2^32 + r), an
+     * integer below 2^32. d > 32 (max(ex, 1) < o - 12) rounds to 0. Masks, not ternaries,
+     * select the result: GCC then vectorises the loop. |x| is capped so that X < 2^11 (the
+     * conversions stay in range; capped lanes are normal or in a non-finite block). */
+    const uint32_t top = (uint32_t)(o + 8) << 23;
+    const uint32_t a_max = (top < 0x7F800000u ? top : 0x7F800000u) - 1u;
+    const float xs = bits_to_f32(a < a_max ? a : a_max) * bits_to_f32((uint32_t)(257 - o) << 23);
+    const int32_t whole = (int32_t)xs; /* xs >= 0: truncation is floor */
+    const uint32_t frac = (uint32_t)((xs - (float)whole) * 0x1p32f);
+    int32_t q = whole + (int32_t)(r > ~frac);
+    q &= -(int32_t)((ex > 1 ? ex : 1) >= o - 12);
+    const int32_t is_normal = -(int32_t)(ex > o);
+    q = (normal & is_normal) | (q & ~is_normal);
+    q = q < 127 ? q : 127;
     return (uint32_t)q | ((x >> 31) << 7);
 }
 
@@ -776,14 +781,14 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
     *c->m_scale = state_scale(am, 11u, &fm); /* B_min: 2^3 + 4 - 1 (signed), 2^4 + 63 (squared) */
     *c->v_scale = state_scale(au, 79u, &fu);
     const int32_t om = (int32_t)fm - 7, ou = (int32_t)fu - 15;
-    const int m_ok = fm != 0, u_ok = fu != 0;
+    const uint32_t m_mask = fm != 0 ? 0xFFu : 0u, u_mask = fu != 0 ? 0xFFu : 0u; /* 0: every code 0 */
     index_g = c->index_g;
     _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
     for (int64_t j = 0; j < n; j++) {
         const uint32_t qm = enc_m8(f32_to_bits(mnew[j]), mix32(index_g ^ mk), om);
         const uint32_t qu = enc_u8(f32_to_bits(unew[j]), mix32(index_g ^ vk), ou);
-        mc[j] = (uint8_t)(m_ok ? qm : 0u);
-        vc[j] = (uint8_t)(u_ok ? qu : 0u);
+        mc[j] = (uint8_t)(qm & m_mask);
+        vc[j] = (uint8_t)(qu & u_mask);
         index_g += ADOPT_GOLDEN;
     }
     return 0;
