@@ -601,8 +601,8 @@ int adopt_cpu_has_openmp(void) {
  * the full-precision rule exactly as update_/apply_ do it on float32 moments, writes the
  * parameter and keeps the new m and u = sqrt(v) in a stack buffer with their block maxima
  * (integer max of the magnitude bits: NaN above infinity); a second loop encodes them with
- * the block's power-of-two scale, on integer bits only (no division). bf16 moments are
- * rounded in the first loop. Results do not depend on the number of threads.
+ * the block's power-of-two scale, on integer bits and exact float32 products (no division).
+ * bf16 moments are rounded in the first loop. Results do not depend on the number of threads.
  */
 
 #define ADOPT_STREAM_EXP_AVG_SQ 1u
