@@ -658,8 +658,9 @@ ADOPT_INLINE uint32_t enc_m8(uint32_t x, uint32_t r, int32_t o) {
      * That is floor(X + r / 2^32) for X = F / 2^d = |x| * 2^(130 - o), exact in float32
      * (<= 24 significant bits, >= 2^-32), so q = floor(X) + carry(frac(X) * 2^32 + r), an
      * integer below 2^32. d > 32 (max(ex, 1) < o - 12) rounds to 0. Masks, not ternaries,
-     * select the result: GCC then vectorises the loop. |x| is capped so that X < 2^11 (the
-     * conversions stay in range; capped lanes are normal or in a non-finite block). */
+     * select the result: GCC then vectorises the loop. Needs a valid block's o (4 ..= 247);
+     * in a finite block |x| < 2^(o - 119), so the cap below only binds for the NaN and
+     * infinite lanes of a non-finite block (codes then 0) and keeps the conversions in range. */
     const uint32_t top = (uint32_t)(o + 8) << 23;
     const uint32_t a_max = (top < 0x7F800000u ? top : 0x7F800000u) - 1u;
     const float xs = bits_to_f32(a < a_max ? a : a_max) * bits_to_f32((uint32_t)(257 - o) << 23);
@@ -780,7 +781,9 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
     uint32_t fm, fu;
     *c->m_scale = state_scale(am, 11u, &fm); /* B_min: 2^3 + 4 - 1 (signed), 2^4 + 63 (squared) */
     *c->v_scale = state_scale(au, 79u, &fu);
-    const int32_t om = (int32_t)fm - 7, ou = (int32_t)fu - 15;
+    /* A zero or non-finite block (field 0) writes code 0; it encodes against B_min so that
+     * enc_m8 sees a valid exponent. */
+    const int32_t om = (int32_t)(fm != 0 ? fm : 11u) - 7, ou = (int32_t)fu - 15;
     const uint32_t m_mask = fm != 0 ? 0xFFu : 0u, u_mask = fu != 0 ? 0xFFu : 0u; /* 0: every code 0 */
     index_g = c->index_g;
     _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
