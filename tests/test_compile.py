@@ -138,11 +138,17 @@ def test_tensor_lr_schedule_does_not_recompile() -> None:
     _assert_params_equal(model, expected)
 
 
-@pytest.mark.parametrize("variants", [{}, VARIANTS], ids=["plain", "variants"])
+LOW_PRECISION = {p: {"state_precision": p, "min_8bit_size": 0} for p in ("bf16", "8bit")}
+
+
+@pytest.mark.parametrize(
+    "variants", [{}, VARIANTS, LOW_PRECISION["bf16"], LOW_PRECISION["8bit"]], ids=["plain", "variants", "bf16", "8bit"]
+)
 @pytest.mark.parametrize("path", ["single-capturable", "foreach-capturable"])
-def test_step_body_compiles_with_fullgraph(path: str, variants: dict[str, bool]) -> None:
+def test_step_body_compiles_with_fullgraph(path: str, variants: dict[str, Any]) -> None:
     """The step's general body without torch's no_grad wrapper (and its deliberate breaks):
-    one full graph, also with nesterov, caution and corrected weight decay."""
+    one full graph, also with nesterov, caution and corrected weight decay, and with bf16 or
+    8-bit state."""
     kw = {**HP, **variants, **usable_paths()[path]}
     model, opt = _setup(**kw)
     general = inspect.unwrap(ADOPT._general_step)
@@ -266,7 +272,7 @@ def test_fused_cpu_op_names_a_param_of_another_dtype() -> None:
 def test_low_precision_state_compiles_as_one_graph_and_matches_eager(path: str, precision: str) -> None:
     """state_precision "bf16"/"8bit": decoding, the rule and encoding with stochastic
     rounding trace into one graph without recompiling, with the eager bits."""
-    kw = {**HP, **usable_paths()[path], "state_precision": precision, "min_8bit_size": 0}
+    kw = {**HP, **usable_paths()[path], **LOW_PRECISION[precision]}
     counter = CompileCounter()
     model, opt = _setup(**kw)
     step = torch.compile(opt.step, backend=counter)
@@ -275,20 +281,4 @@ def test_low_precision_state_compiles_as_one_graph_and_matches_eager(path: str, 
     with torch._dynamo.config.patch(error_on_recompile=True):
         _train(model, opt, step, batches[1:])
     assert counter.frame_count == 1
-    _assert_params_equal(model, _eager_params(**kw))
-
-
-@pytest.mark.parametrize("precision", ["bf16", "8bit"])
-@pytest.mark.parametrize("path", ["single-capturable", "foreach-capturable"])
-def test_low_precision_step_body_compiles_with_fullgraph(path: str, precision: str) -> None:
-    kw = {**HP, **usable_paths()[path], "state_precision": precision, "min_8bit_size": 0}
-    model, opt = _setup(**kw)
-    general = inspect.unwrap(ADOPT._general_step)
-    body = torch.compile(functools.partial(general, opt, None, tried_fused=False), fullgraph=True, backend="eager")
-
-    def step() -> None:
-        with torch.no_grad():
-            body()
-
-    _train(model, opt, step, _batches())
     _assert_params_equal(model, _eager_params(**kw))
