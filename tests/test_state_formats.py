@@ -80,17 +80,17 @@ def test_hand_computed_codes() -> None:
     m, v, m34 = sf.CodeFormat(True, 4, 3), sf.CodeFormat(False, 4, 4), sf.FORMATS["exp_avg"]
     b = torch.tensor(127)  # scale 1
     def enc(x: float, fmt: sf.CodeFormat, r: "int | None" = None) -> int:
-        bits = None if r is None else torch.tensor([r])
-        return int(sf.encode(torch.tensor([x]), b, bits, fmt)[0])
+        draws = None if r is None else torch.tensor([r])
+        return int(sf.encode(torch.tensor([x]), b, draws, fmt)[0])
 
     assert enc(1.0, m) == 15 << 3 and enc(-1.5, m) == 0x80 | (15 << 3 | 4)
     assert enc(2.0**-17, m) == 1 and enc(2.0**-18, m) == 1  # subnormal step; a tie rounds away
-    assert enc(2.0**-18, m, r=0) == 0 and enc(2.0**-18, m, r=2**31 - 1) == 0 and enc(2.0**-18, m, r=2**31) == 1
+    assert enc(2.0**-18, m, r=0) == 0 and enc(2.0**-18, m, r=2**15 - 1) == 0 and enc(2.0**-18, m, r=2**15) == 1
     assert enc(-0.0, m) == 0x80 and enc(1e-30, m) == 0 and enc(3.0, m) == 127
     assert enc(1.0, m34) == 7 << 4 and enc(-1.0625, m34) == 0x80 | (7 << 4 | 1) and enc(2.0**-10, m34) == 1
     assert enc(2.0**-6, m34) == 1 << 4 and enc(2.0**-6 * 15 / 16, m34) == 15 and enc(2.0**-7, m34) == 8 and enc(1.99, m34) == 127
     assert enc(1.0, v) == 15 << 4 and enc(1.03125, v) == (15 << 4) + 1  # tie away from zero
-    assert enc(1.03125, v, r=(1 << 31) - 1) == 15 << 4
+    assert enc(1.03125, v, r=(1 << 15) - 1) == 15 << 4 and enc(1.03125, v, r=1 << 15) == (15 << 4) + 1
     assert enc(0.0, v) == 0 and enc(1e-30, v) == 0 and enc(2.0**-15, v) == 0 and enc(2.0**-15 * 1.0625, v) == 1
 
 
@@ -274,7 +274,7 @@ def test_out_and_input_checks() -> None:
 
 
 def test_large_tensors_are_encoded_in_batches() -> None:
-    """Batching (2**20 elements) does not change the codes: blocks and words are global."""
+    """Batching (2**20 elements) does not change the codes: blocks and draws are global."""
     n = (1 << 20) + 256 * 3 + 17
     x = torch.randn(n)
     key = sf.state_key(2, 6, "exp_avg")
@@ -289,7 +289,7 @@ def test_large_tensors_are_encoded_in_batches() -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_stochastic_rounding_is_unbiased(fmt: sf.CodeFormat) -> None:
-    """One block of values, copied 4096 times (distinct element indices: independent words):
+    """One block of values, copied 4096 times (distinct element indices: independent draws):
     the mean decoded value equals the input within 5 standard errors of the rounding."""
     draws = 4096
     gen = torch.Generator().manual_seed(6)
@@ -317,9 +317,10 @@ def test_bf16_rounding_is_the_parameter_rule_with_the_state_stream() -> None:
     x = torch.randn(5000) * 3
     key = sf.state_key(_random.param_seed(2), 7, "exp_avg_sq")
     assert key == _random.step_key(_random.param_seed(2), 7, _random.STREAM_EXP_AVG_SQ)
-    expected = _random.stochastic_round(x, _random.element_bits(key, 0, 5000, x.device), torch.bfloat16)
+    expected = _random.stochastic_round(x, _random.element_draws(key, 0, 5000, x.device), torch.bfloat16)
     assert torch.equal(sf.round_bf16(x, key).view(torch.int16), expected.view(torch.int16))
     assert torch.equal(sf.round_bf16(x[100:], key, offset=100).view(torch.int16), expected[100:].view(torch.int16))
+    assert torch.equal(sf.round_bf16(x[101:], key, offset=101).view(torch.int16), expected[101:].view(torch.int16))
     assert torch.equal(sf.round_bf16(x.view(50, 100)).view(-1), x.to(torch.bfloat16))
     # Unbiased: 2**-9 is a quarter of an ulp of 1.0; 4096 copies average to it.
     ones = torch.full((4096,), 1.0 + 2.0**-9)
@@ -338,7 +339,7 @@ def test_same_key_same_codes_other_step_or_moment_other_codes() -> None:
 
 
 def test_device_keys_give_the_host_codes() -> None:
-    """Capturable paths compute keys as 0-d int64 tensors: the same words, the same codes."""
+    """Capturable paths compute keys as 0-d int64 tensors: the same draws, the same codes."""
     x = torch.rand(3000) - 0.5
     seed, step = _random.param_seed(5), 12
     host = sf.state_key(seed, step, "exp_avg")
@@ -348,7 +349,7 @@ def test_device_keys_give_the_host_codes() -> None:
 
 
 def test_the_encoder_is_element_wise() -> None:
-    """The kernel hook: ``encode`` of each element with its block's field and its word gives
+    """The kernel hook: ``encode`` of each element with its block's field and its draw gives
     ``quantize``'s codes."""
     for moment in sf.MOMENTS:
         fmt = sf.FORMATS[moment]
@@ -356,8 +357,8 @@ def test_the_encoder_is_element_wise() -> None:
         key = sf.state_key(1, 3, moment)
         q = sf.quantize(x, moment, key)
         field = sf.scale_exponent(q.scales).repeat_interleave(256)[: x.numel()]
-        words = _random.element_bits(key, 0, x.numel(), x.device)
-        assert torch.equal(sf.encode(_roots(fmt, x), field, words, fmt), q.codes.long())
+        draws = _random.element_draws(key, 0, x.numel(), x.device)
+        assert torch.equal(sf.encode(_roots(fmt, x), field, draws, fmt), q.codes.long())
         assert torch.equal(sf.decode(q.codes, q.scales.repeat_interleave(256)[: x.numel()], fmt), sf.dequantize(q, moment, root=fmt.squared))
 
 

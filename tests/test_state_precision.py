@@ -200,7 +200,7 @@ def _check_against_oracle(precision: str, path: str, options: dict, dtype: torch
 @pytest.mark.parametrize("precision", LOW)
 def test_torch_paths_store_identical_codes(precision: str) -> None:
     """Single-tensor, foreach and their capturable forms: the same bits in every state tensor
-    and parameter (the same float32 rule and the same random words)."""
+    and parameter (the same float32 rule and the same random draws)."""
     init, rows = _problem(7, seed=3)
     runs = {path: _run(init, rows, lr=0.01, state_precision=precision, min_8bit_size=0, **kw)
             for path, kw in TORCH_PATHS.items()}

@@ -58,21 +58,39 @@ def test_host_and_device_keys_agree() -> None:
         assert host == int(device)
 
 
-def test_element_bits_fold_in_the_high_index_part() -> None:
+def _word_reference(key: int, pair: int) -> int:
+    return _mix32_reference(((pair % 2**32) * 0x9E3779B9 % 2**32) ^ key ^ _mix32_reference(pair >> 32))
+
+
+def test_two_elements_share_a_word_low_half_first() -> None:
+    key = _random.step_key(_random.param_seed(2), 4)
+    expected = []
+    for pair in range(4):
+        word = _word_reference(key, pair)
+        expected += [word & 0xFFFF, word >> 16]
+    draws = _random.element_draws(key, 0, 8, torch.device("cpu"))
+    assert draws.tolist() == expected
+    for start, count in ((1, 1), (3, 5), (2, 3), (7, 1)):  # odd starts and ends
+        assert _random.element_draws(key, start, count, torch.device("cpu")).tolist() == expected[start : start + count]
+
+
+def test_element_draws_fold_in_the_high_pair_part() -> None:
     key = _random.step_key(_random.param_seed(3), 10)
-    low = _random.element_bits(key, 5, 1, torch.device("cpu"))
-    high = _random.element_bits(key, 5 + 2**32, 1, torch.device("cpu"))
-    assert int(low) != int(high)  # the same low 32 bits, another word
-    word = _mix32_reference(((5 * 0x9E3779B9) % 2**32) ^ key ^ _mix32_reference(1))
-    assert int(high) == word
+    low = _random.element_draws(key, 5, 1, torch.device("cpu"))
+    high = _random.element_draws(key, 5 + 2**33, 1, torch.device("cpu"))  # pair 2 + 2**32
+    assert int(low) != int(high)  # the same low 32 bits of the pair index, another word
+    assert int(high) == _word_reference(key, 2 + 2**32) >> 16  # odd: the high half
+    assert int(low) == _word_reference(key, 2) >> 16
 
 
-def test_bits_are_uniform() -> None:
-    bits = _random.element_bits(_random.step_key(7, 1), 0, 1 << 16, torch.device("cpu"))
-    assert 0 <= int(bits.min()) and int(bits.max()) < 2**32
-    for shift in (0, 8, 16, 24, 31):
-        frac = ((bits >> shift) & 1).double().mean().item()
+def test_draws_are_uniform() -> None:
+    draws = _random.element_draws(_random.step_key(7, 1), 0, 1 << 17, torch.device("cpu"))
+    assert 0 <= int(draws.min()) and int(draws.max()) < 2**16
+    for shift in (0, 4, 8, 12, 15):
+        frac = ((draws >> shift) & 1).double().mean().item()
         assert abs(frac - 0.5) < 0.01, (shift, frac)
+    even, odd = draws[0::2].double(), draws[1::2].double()  # the two halves of one word
+    assert abs(torch.corrcoef(torch.stack([even, odd]))[0, 1].item()) < 0.02
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -80,7 +98,7 @@ def test_bits_are_uniform() -> None:
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype: torch.dtype, value: float) -> None:
     n = 1 << 18
     x = torch.full((n,), value)
-    out = _random.stochastic_round(x, _random.element_bits(99, 0, n, x.device), dtype)
+    out = _random.stochastic_round(x, _random.element_draws(99, 0, n, x.device), dtype)
     down = x.to(dtype).double()[0].item()
     values = set(out.double().unique().tolist())
     assert len(values) <= 2 and all(math.isclose(v, down) or v != down for v in values)
@@ -92,10 +110,10 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype: torch.dtyp
 @pytest.mark.parametrize("dtype", LOW)
 def test_representable_values_and_specials_are_kept(dtype: torch.dtype) -> None:
     exact = torch.randn(4096).to(dtype)
-    bits = _random.element_bits(5, 0, exact.numel(), exact.device)
-    assert torch.equal(_random.stochastic_round(exact.float(), bits, dtype), exact)
+    draws = _random.element_draws(5, 0, exact.numel(), exact.device)
+    assert torch.equal(_random.stochastic_round(exact.float(), draws, dtype), exact)
     special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
-    out = _random.stochastic_round(special, bits[:5], dtype)
+    out = _random.stochastic_round(special, draws[:5], dtype)
     assert out[0] == float("inf") and out[1] == -float("inf") and torch.isnan(out[2])
     assert torch.equal(out[3:].view(torch.int16), special[3:].to(dtype).view(torch.int16))
 
@@ -107,13 +125,13 @@ def test_the_c_kernel_draws_and_rounds_as_the_rule() -> None:
         seed, step = rng.randrange(-2**40, 2**40), rng.randrange(2**24)
         index = rng.choice([rng.randrange(2**20), rng.randrange(2**40)])
         key = _random.step_key(seed, step)
-        assert KERNEL.random_bits(seed, step, index) == int(_random.element_bits(key, index, 1, torch.device("cpu")))
+        assert KERNEL.random_draw(seed, step, index) == int(_random.element_draws(key, index, 1, torch.device("cpu")))
     values = torch.randn(6000) * torch.logspace(-30, 30, 6000)
     values = torch.cat([values, torch.tensor([65519.0, 65520.0, 65535.9, 1e-8, -3e-6, 6.1e-5, float("inf")])])
-    words = torch.randint(0, 2**32, (values.numel(),), dtype=torch.int64)
+    draws = torch.randint(0, 2**16, (values.numel(),), dtype=torch.int64)
     for half, dtype in ((False, torch.bfloat16), (True, torch.float16)):
-        expected = _random.stochastic_round(values, words, dtype).view(torch.int16).to(torch.int64) & 0xFFFF
-        got = [KERNEL.round_stochastic(float(v), int(w), half) for v, w in zip(values.tolist(), words.tolist())]
+        expected = _random.stochastic_round(values, draws, dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        got = [KERNEL.round_stochastic(float(v), int(w), half) for v, w in zip(values.tolist(), draws.tolist())]
         assert got == expected.tolist(), dtype
 
 
@@ -203,6 +221,31 @@ def test_fused_random_data_agrees_within_one_ulp(dtype: torch.dtype) -> None:
     gap = (results[0] - results[1]).abs()
     assert bool((gap <= 2 * ulp).all())
     assert (gap == 0).double().mean().item() > 0.9
+
+
+@needs_kernel
+@pytest.mark.parametrize("state_precision", ["full", "8bit"])
+def test_fused_threads_split_pairs_as_the_serial_step(state_precision: str) -> None:
+    """Two elements share a word: a thread's range that starts at an odd element (the first
+    tensors' sizes are odd) still draws each element's half, so 2 threads equal 1 bit for bit."""
+    sizes = [37, 37, 37, 300_001, 70_001]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            gen = torch.Generator().manual_seed(4)
+            params = [torch.nn.Parameter((torch.randn(k, generator=gen) + 3).to(torch.bfloat16)) for k in sizes]
+            opt = ADOPT(params, lr=1e-3, fused=True, stochastic_rounding=True, state_precision=state_precision)
+            for _ in range(3):
+                for q in params:
+                    q.grad = torch.randn(q.shape, generator=gen).to(torch.bfloat16)
+                opt.step()
+            results.append([q.detach().clone() for q in params])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(_bits(a), _bits(b))
 
 
 def test_float32_and_float64_parameters_are_unaffected() -> None:

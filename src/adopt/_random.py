@@ -2,7 +2,7 @@
 
 Stochastic rounding must give the same bits on the single-tensor, foreach, fused-CPU and
 Triton paths, and a run resumed from a checkpoint must draw what the uninterrupted run
-would have drawn. So no generator state is kept: each random word is a hash of where and
+would have drawn. So no generator state is kept: each random draw is a hash of where and
 when it is used. All arithmetic is modulo 2**32; ``mix32`` is a bijective integer hash
 (xor-shift / multiply, the "lowbias32" constants)::
 
@@ -13,17 +13,22 @@ when it is used. All arithmetic is modulo 2**32; ``mix32`` is a bijective intege
   tensor's state as ``state["seed"]`` (0-d int64), so a checkpoint carries it.
 * **key** of one step: ``mix32(mix32(seed ^ stream * 0x9E3779B9) ^ s)``, ``s`` the tensor's
   step count *before* this step, ``stream`` what is rounded (:data:`STREAM_PARAM` = 0).
-* **bits** of element ``i`` (its row-major index in the tensor; complex tensors as their
-  real view): ``mix32(lo(i) * 0x9E3779B9 ^ key ^ mix32(hi(i)))``, ``lo``/``hi`` the low and
-  high 32 bits of ``i`` (``mix32(0) == 0``, so below 2**32 elements the last term vanishes).
+* **word** of pair ``k``: ``mix32(lo(k) * 0x9E3779B9 ^ key ^ mix32(hi(k)))``, ``lo``/``hi``
+  the low and high 32 bits of ``k`` (``mix32(0) == 0``, so below 2**32 pairs the last term
+  vanishes).
+* **draw** of element ``i`` (its row-major index in the tensor; complex tensors as their
+  real view): 16 random bits, the low half of the word of pair ``i >> 1`` for even ``i``, the
+  high half for odd ``i``. One hash serves two elements: 16 bits resolve a rounding to
+  2**-16 of a step, far below what any rounding here needs, at half the cost of a word per
+  element (the hash is most of stochastic rounding's cost in the fused CPU kernel).
 
-Rounding of a float32 ``x`` with random word ``r`` (NaN rounds to nearest):
+Rounding of a float32 ``x`` with draw ``r`` (NaN rounds to nearest):
 
-* bfloat16: ``bits(x) + (r & 0xFFFF)``, low 16 bits cleared: rounds away from zero with
-  probability equal to the dropped fraction of an ulp, so the result is unbiased.
+* bfloat16: ``bits(x) + r``, low 16 bits cleared: rounds away from zero with probability
+  equal to the dropped fraction of an ulp (to 2**-16), so the result is unbiased.
 * float16, ``|x| >= 2**-14`` (normal): the same with the low 13 bits and ``r & 0x1FFF``;
   below (subnormal, ulp ``2**-24``): ``t = |x| * 2**24`` is rounded up when
-  ``(r >> 8) * 2**-24 < t - floor(t)``. Results at or above 65536 are infinite.
+  ``r * 2**-16 < t - floor(t)``. Results at or above 65536 are infinite.
 
 Every function here works on Python ints and on int64 tensors alike (no intermediate value
 reaches 2**63), so host paths compute keys on the host and capturable paths on the device.
@@ -43,7 +48,7 @@ __all__ = [
     "mix32",
     "param_seed",
     "step_key",
-    "element_bits",
+    "element_draws",
     "stochastic_round",
     "stochastic_round_",
     "SR_DTYPES",
@@ -95,30 +100,33 @@ def step_key(seed: _I, step: _I, stream: int = STREAM_PARAM) -> _I:
     return mix32(mix32((seed & MASK32) ^ _mul32(stream, GOLDEN)) ^ (step & MASK32))  # type: ignore[operator]
 
 
-def element_bits(key: Union[int, Tensor], start: int, count: int, device: torch.device) -> Tensor:
-    """Random words (int64 in ``[0, 2**32)``) of elements ``start .. start + count - 1``."""
-    index = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    x = _mul32(index & MASK32, GOLDEN) ^ key
-    if start + count > 1 << 32:
-        x = x ^ mix32(index >> 32)
-    return mix32(x)
+def element_draws(key: Union[int, Tensor], start: int, count: int, device: torch.device) -> Tensor:
+    """Random draws (int64 in ``[0, 2**16)``) of elements ``start .. start + count - 1``."""
+    first, last = start >> 1, (start + count - 1) >> 1
+    pair = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    x = _mul32(pair & MASK32, GOLDEN) ^ key
+    if last >= 1 << 32:
+        x = x ^ mix32(pair >> 32)
+    word = mix32(x)
+    halves = torch.stack((word & 0xFFFF, word >> 16), dim=1).reshape(-1)
+    return halves[start & 1 : (start & 1) + count]
 
 
-def stochastic_round(x: Tensor, bits: Tensor, dtype: torch.dtype) -> Tensor:
-    """float32 ``x`` rounded to ``dtype`` (bfloat16 or float16) with the words ``bits``."""
+def stochastic_round(x: Tensor, draws: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 ``x`` rounded to ``dtype`` (bfloat16 or float16) with the 16-bit ``draws``."""
     xi = x.view(torch.int32)
     nan = torch.isnan(x)
     if dtype == torch.bfloat16:
         # Finite and infinite values: never overflows int32 (|bits| <= 0x7F800000).
-        up = torch.where(nan, xi, (xi + (bits & 0xFFFF).to(torch.int32)) & -0x10000)
+        up = torch.where(nan, xi, (xi + draws.to(torch.int32)) & -0x10000)
         return up.view(torch.float32).to(dtype)
     if dtype != torch.float16:
         raise TypeError(f"stochastic rounding is defined for bfloat16 and float16, got {dtype}")
     magnitude = torch.where(nan, 0, xi & 0x7FFFFFFF)
-    normal = ((magnitude + (bits & 0x1FFF).to(torch.int32)) & -0x2000) | (xi & -0x80000000)
+    normal = ((magnitude + (draws & 0x1FFF).to(torch.int32)) & -0x2000) | (xi & -0x80000000)
     scaled = x.abs() * 2.0**24
     low = torch.floor(scaled)
-    draw = (bits >> 8).to(torch.float32) * 2.0**-24
+    draw = draws.to(torch.float32) * 2.0**-16
     subnormal = torch.copysign((low + (draw < scaled - low).to(torch.float32)) * 2.0**-24, x)
     out = torch.where(magnitude < 0x38800000, subnormal, normal.view(torch.float32))
     return torch.where(nan, x, out).to(dtype)
@@ -148,11 +156,11 @@ def stochastic_round_(dst: Tensor, x: Tensor, key: Union[int, Tensor], offset: i
     n = dst.numel()
     flat = x.reshape(-1)
     if n <= _BATCH:
-        dst.copy_(stochastic_round(flat, element_bits(key, offset, n, x.device), dst.dtype).view(dst.shape))
+        dst.copy_(stochastic_round(flat, element_draws(key, offset, n, x.device), dst.dtype).view(dst.shape))
         return
     out = torch.empty(n, dtype=dst.dtype, device=dst.device)
     for begin in range(0, n, _BATCH):
         end = min(n, begin + _BATCH)
-        out[begin:end] = stochastic_round(flat[begin:end], element_bits(key, offset + begin, end - begin, x.device), dst.dtype)
+        out[begin:end] = stochastic_round(flat[begin:end], element_draws(key, offset + begin, end - begin, x.device), dst.dtype)
     dst.copy_(out.view(dst.shape))
 

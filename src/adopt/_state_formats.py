@@ -7,19 +7,20 @@ encoding and decoding; the fused C and Triton kernels reimplement it and must gi
 codes bit for bit. The moments are ``exp_avg`` (m, signed) and ``exp_avg_sq`` (v, >= 0).
 
 Tensors are processed as their flat row-major view (complex tensors as their real view, as
-for the random words of ``adopt/_random.py``); ``n`` is that view's length. Tensors with
+for the random draws of ``adopt/_random.py``); ``n`` is that view's length. Tensors with
 ``n < MIN_8BIT_SIZE`` keep full precision under ``"8bit"`` (:func:`storage_format`).
 
-Random words: element ``i`` of a moment at a step rounds with
-``r = element_bits(state_key(seed, step, moment), i)``, ``seed`` the tensor's
-``state["seed"]`` (as for parameter rounding), ``step`` its count before the step, and a
-stream per moment (``STREAM_EXP_AVG_SQ`` = 1, ``STREAM_EXP_AVG`` = 2). So every path and a
-resumed run draw the same words.
+Random draws: element ``i`` of a moment at a step rounds with the 16-bit draw
+``element_draws(state_key(seed, step, moment), i)`` of ``adopt/_random.py``, ``seed`` the
+tensor's ``state["seed"]`` (as for parameter rounding), ``step`` its count before the step,
+and a stream per moment (``STREAM_EXP_AVG_SQ`` = 1, ``STREAM_EXP_AVG`` = 2). So every path
+and a resumed run draw the same bits. The 8-bit encoder below takes the draw as the high
+half of a 32-bit word, ``r = draw << 16``.
 
 bfloat16 (``"bf16"``)
 ---------------------
 m and v are stored as bfloat16, each exactly ``_random.stochastic_round`` of its float32
-value with the element's word (:func:`round_bf16`).
+value with the element's draw (:func:`round_bf16`).
 
 8-bit (``"8bit"``): block floating point
 -----------------------------------------
@@ -65,8 +66,8 @@ exact result is a normal float32; 0 and NaN scales give 0 and NaN); squared: the
 floating-point operation, so every implementation gets the same code). Let ``A`` be the low
 31 bits of ``y`` (its magnitude), ``D = 23 - M`` (the dropped mantissa bits),
 ``o = B - (2**E - 1)`` (the float32 exponent field of code exponent 0) and ``r`` the
-element's random word; nearest rounding uses ``r = 2**31`` (ties away from zero). Integer
-arithmetic at least 64 bits wide:
+element's word ``draw << 16``; nearest rounding uses ``r = 2**31`` (draw ``2**15``; ties away
+from zero). Integer arithmetic at least 64 bits wide:
 
 * unsigned (the sign bit is ignored):
   ``q = clamp(((A + (r >> (32 - D))) >> D) - (o << M), 0, 2**(E + M) - 1)``: values below the
@@ -83,7 +84,7 @@ arithmetic at least 64 bits wide:
 
 Adding the top ``D`` (or ``d``) bits of ``r`` below the kept bits and truncating rounds away
 from zero with probability equal to the dropped fraction of a code step: stochastic
-rounding, unbiased in ``y`` except where the code saturates (unsigned below its lowest
+rounding (to ``2**-16`` of a code step), unbiased in ``y`` except where the code saturates (unsigned below its lowest
 code; anything above the top code, which happens only near the float32 maximum) and for
 signed values under ``2**-8`` of the subnormal step (``d > 32``).
 
@@ -100,7 +101,7 @@ from typing import Optional, TypeVar, Union
 import torch
 from torch import Tensor
 
-from ._random import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, element_bits, step_key, stochastic_round_
+from ._random import STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, element_draws, step_key, stochastic_round_
 
 __all__ = [
     "STATE_PRECISIONS",
@@ -138,7 +139,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 _STREAMS = {"exp_avg": STREAM_EXP_AVG, "exp_avg_sq": STREAM_EXP_AVG_SQ}
 # Blocks encoded per batch: bounds the int64 temporaries (8 MiB each), as _random._BATCH.
 _BATCH_BLOCKS = (1 << 20) // BLOCK_SIZE
-_HALF = 1 << 31  # the random word that makes the rounding round-to-nearest
+_HALF = 1 << 15  # the draw that makes the rounding round-to-nearest
 
 Key = Union[int, Tensor]
 _I = TypeVar("_I", int, Tensor)
@@ -257,14 +258,14 @@ def scale_exponent(scales: Tensor) -> Tensor:
     return (_float_bits(scales) >> 23) & 0xFF
 
 
-def encode(x: Tensor, field: Tensor, bits: Optional[Tensor], fmt: CodeFormat) -> Tensor:
+def encode(x: Tensor, field: Tensor, draws: Optional[Tensor], fmt: CodeFormat) -> Tensor:
     """The code (int64 in ``[0, 256)``) of each float32 ``x`` (the stored quantity: for a
     squared format the square root) in a block of exponent field ``field`` (int64, broadcast
-    against ``x``; a valid scale's, ``>= B_min``) with random words ``bits`` (int64 in
-    ``[0, 2**32)``; None: nearest). Element-wise, for testing a kernel's encoder."""
+    against ``x``; a valid scale's, ``>= B_min``) with random ``draws`` (int64 in
+    ``[0, 2**16)``; None: nearest). Element-wise, for testing a kernel's encoder."""
     xi = _float_bits(x)
     mag = xi & 0x7FFFFFFF
-    r = torch.full_like(xi, _HALF) if bits is None else bits
+    r = (torch.full_like(xi, _HALF) if draws is None else draws) << 16
     drop = 23 - fmt.man_bits
     zero_field = field - ((1 << fmt.exp_bits) - 1)  # "o" of the docstring
     q = ((mag + (r >> (32 - drop))) >> drop) - (zero_field << fmt.man_bits)
@@ -321,7 +322,7 @@ def quantize(
     """Encode float32 ``x`` (any shape, as its flat view) as ``moment`` (``"exp_avg"`` or
     ``"exp_avg_sq"``; the latter stores ``sqrt(x)``) in 8 bits: stochastic rounding with
     ``key`` (:func:`state_key`), or nearest when ``key`` is None. ``offset``: the flat index
-    of ``x``'s first element in the tensor (random words only; blocks start at ``x``'s first
+    of ``x``'s first element in the tensor (random draws only; blocks start at ``x``'s first
     element). ``out``: write into an existing :class:`QuantizedMoment` of the right size.
     ``fmt`` overrides the moment's format (experiments; the optimizer uses :data:`FORMATS`).
 
@@ -341,8 +342,8 @@ def quantize(
         chunk = flat[begin:end].sqrt() if code_format.squared else flat[begin:end]
         scales = block_scales(chunk, code_format)
         per_element = _element_scales(scales, end - begin)
-        bits = None if key is None else element_bits(key, offset + begin, end - begin, x.device)
-        codes = encode(chunk, scale_exponent(per_element), bits, code_format)
+        draws = None if key is None else element_draws(key, offset + begin, end - begin, x.device)
+        codes = encode(chunk, scale_exponent(per_element), draws, code_format)
         valid = torch.isfinite(per_element) & (per_element != 0)
         result.codes[begin:end] = torch.where(valid, codes, 0).to(torch.uint8)
         result.scales[begin // BLOCK_SIZE : -(-end // BLOCK_SIZE)] = scales
@@ -378,7 +379,7 @@ def dequantize(
 
 def round_bf16(x: Tensor, key: Optional[Key] = None, *, offset: int = 0) -> Tensor:
     """float32 ``x`` as bfloat16: stochastic rounding with ``key`` (exactly
-    ``_random.stochastic_round`` with the words of ``key``), nearest-even when None."""
+    ``_random.stochastic_round`` with the draws of ``key``), nearest-even when None."""
     if key is None:
         return x.to(torch.bfloat16)
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)

@@ -1,7 +1,7 @@
 """Low-memory optimizer state (``state_precision`` ``"bf16"`` or ``"8bit"``): the step.
 
 Per tensor, with ``s`` its step count before the step and ``seed`` its ``state["seed"]``
-(the format and the random words are :mod:`adopt._state_formats`'s):
+(the format and the random draws are :mod:`adopt._state_formats`'s):
 
 1. decode the stored moments to float32 ``m`` and ``v`` (8-bit ``v`` is ``u * u``, exact, so
    the full-precision rule's ``sqrt(v)`` gives back the stored ``u``);

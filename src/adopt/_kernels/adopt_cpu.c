@@ -114,12 +114,33 @@ ADOPT_INLINE uint32_t mix32(uint32_t x) {
 /* The key of a tensor's step on the parameter stream (stream 0). */
 ADOPT_INLINE uint32_t param_key(int64_t seed, uint32_t step) { return mix32(mix32((uint32_t)seed) ^ step); }
 
-/* Word of element lo + 2^32 * hi: `key` already holds key ^ mix32(hi). */
-ADOPT_INLINE uint32_t element_word(uint32_t key, uint32_t lo) { return mix32(lo * ADOPT_GOLDEN ^ key); }
+/* Elements whose draws one draws_of call computes (its buffer holds two more). */
+#define ADOPT_DRAW_CHUNK 1024
 
+/* The 16-bit draws of elements [start, start + n), n <= ADOPT_DRAW_CHUNK: one word per pair
+ * k = i >> 1, its low half for even i, its high half for odd i. `key` already holds
+ * key ^ mix32(hi(k)) (the range lies in one aligned span of 2^33 elements). Fills `buf` and
+ * returns where element start's draw is in it. */
+ADOPT_INLINE const uint16_t *draws_of(uint16_t *restrict buf, uint32_t key, int64_t start, int64_t n) {
+    const int64_t odd = start & 1, pairs = (odd + n + 1) >> 1;
+    uint32_t pair_g = (uint32_t)((uint64_t)start >> 1) * ADOPT_GOLDEN;
+    _Pragma("omp simd linear(pair_g : ADOPT_GOLDEN)")
+    for (int64_t q = 0; q < pairs; q++) {
+        const uint32_t w = mix32(pair_g ^ key);
+        buf[2 * q] = (uint16_t)w;
+        buf[2 * q + 1] = (uint16_t)(w >> 16);
+        pair_g += ADOPT_GOLDEN;
+    }
+    return buf + odd;
+}
+
+/* mix32 of the pair index's high part (hi(k) = i >> 33), folded into a key. */
+ADOPT_INLINE uint32_t pair_high(int64_t index) { return mix32((uint32_t)((uint64_t)index >> 33)); }
+
+/* r: the element's 16-bit draw. */
 ADOPT_INLINE uint16_t bf16_store_sr(float f, uint32_t r) {
     const uint32_t u = f32_to_bits(f);
-    const uint32_t up = (u + (r & 0xFFFFu)) >> 16;
+    const uint32_t up = (u + r) >> 16;
     return (uint16_t)select_u32((u & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC0u, up);
 }
 
@@ -131,7 +152,7 @@ ADOPT_INLINE uint16_t f16_store_sr(float f, uint32_t r) {
     /* Subnormal range: a fixed step of 2^-24, up with probability frac(|x| * 2^24). */
     const float scaled = bits_to_f32(a) * 0x1p24f;
     const float low = floorf(scaled);
-    const float draw = (float)(r >> 8) * 0x1p-24f;
+    const float draw = (float)r * 0x1p-16f;
     const float sub = (low + (draw < scaled - low ? 1.0f : 0.0f)) * 0x1p-24f;
     const uint32_t y = select_u32(a < 0x38800000u, f32_to_bits(sub) | sign, normal);
     /* The result is a float16 value (or >= 65536, which becomes inf); NaN rounds to nearest. */
@@ -162,8 +183,8 @@ typedef struct {
  * g' = g * gscale (+ l2 * p when L2 decay is on); gscale folds AMP unscaling and maximize.
  * `l2_on` and `sr_on` are compile-time constants at every call site of first_/update_, so
  * each variant of the common step is its own loop. With `sr_on` (16-bit types only) p is
- * written back with stochastic rounding from the stored m, element i of the segment drawing
- * the word of index `base + i` under `key`. With `nesterov` (a select per element, so the
+ * written back with stochastic rounding from the stored m, element i with draws[i] (the
+ * callers fill them per chunk of ADOPT_DRAW_CHUNK elements: draws_of). With `nesterov` (a select per element, so the
  * loop is not duplicated for it) the update is lerp(m, n, 1 - beta1) instead of m.
  * A cautious step (adopt/_variants.py) takes two passes, since each tensor's weight w depends
  * on all of its elements: moment_* updates m (and v, unless Nesterov needs the old v in the
@@ -196,21 +217,17 @@ typedef struct {
         u = u < -clip ? -clip : u;                                                                \
         return u > clip ? clip : u;                                                               \
     }                                                                                             \
-    /* p written back: to nearest, or (sr_on) stochastically with the element's word, from  \
-     * index_g = index * GOLDEN (the loops keep it as a 32-bit induction variable: a multiply  \
-     * per element saved, and no 64-bit lanes from the int64 loop index). */                   \
-    ADOPT_INLINE T store_p_##SUF(const C x, const int sr_on, const uint32_t key,                  \
-                                 const uint32_t index_g) {                                        \
+    /* p written back: to nearest, or (sr_on) stochastically with the element's draw. */       \
+    ADOPT_INLINE T store_p_##SUF(const C x, const int sr_on, const uint32_t draw) {               \
         const T nearest = STORE(x);                                                               \
-        return sr_on ? STORE_SR(x, mix32(index_g ^ key)) : nearest;                              \
+        return sr_on ? STORE_SR(x, draw) : nearest;                                               \
     }                                                                                             \
     ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
                                     const int l2_on, const int sr_on, const int nesterov,        \
-                                    const uint32_t key, const uint32_t base) {                    \
+                                    const uint16_t *restrict draws) {                             \
         const C decay = k->decay, lr = k->lr, b1c = k->b1c, b2 = k->b2, b2c = k->b2c;             \
-        uint32_t index_g = base * ADOPT_GOLDEN;                                                   \
-        _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")                                        \
+        ADOPT_SIMD                                                                                \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
             const C gi = grad_##SUF(g[i], pi, k, l2_on);                                          \
@@ -223,8 +240,7 @@ typedef struct {
             const C mu = sr_on ? LOAD(ms) : mi;                                                   \
             const C ahead = mu + b1c * (u - mu);                                                  \
             const C up = nesterov ? ahead : mu;                                                   \
-            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, index_g);                      \
-            index_g += ADOPT_GOLDEN;                                                              \
+            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, sr_on ? draws[i] : 0u);             \
             m[i] = ms;                                                                            \
             v[i] = STORE(b2 * vi + b2c * (gi * gi));                                              \
         }                                                                                         \
@@ -257,10 +273,9 @@ typedef struct {
     ADOPT_INLINE void apply_##SUF(T *restrict p, const T *restrict g, const T *restrict m,       \
                                    T *restrict v, int64_t n, const coef_##C *k, const C clip,    \
                                    const C w, const int l2_on, const int sr_on,                   \
-                                   const int nesterov, const uint32_t key, const uint32_t base) { \
+                                   const int nesterov, const uint16_t *restrict draws) {          \
         const C decay = k->decay, lr = k->lr, b1c = k->b1c, b2 = k->b2, b2c = k->b2c;             \
-        uint32_t index_g = base * ADOPT_GOLDEN;                                                   \
-        _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")                                        \
+        ADOPT_SIMD                                                                                \
         for (int64_t i = 0; i < n; i++) {                                                         \
             const C pi = LOAD(p[i]);                                                              \
             const C gi = grad_##SUF(g[i], pi, k, l2_on);                                          \
@@ -272,8 +287,7 @@ typedef struct {
                 v[i] = STORE(b2 * vi + b2c * (gi * gi));                                          \
             }                                                                                     \
             up = up * (ADOPT_AGREE(up, gi) ? w : (C)0);                                           \
-            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, key, index_g);                      \
-            index_g += ADOPT_GOLDEN;                                                              \
+            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, sr_on ? draws[i] : 0u);             \
         }                                                                                         \
     }
 
@@ -302,7 +316,7 @@ typedef struct {
 typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
 
 /* Runs `pass` on elements [b, e) of tensor `i`; stochastic rounding only where SR_OK (16-bit
- * types), in pieces that do not cross a multiple of 2^32 elements (the word's high index
+ * types), in pieces that do not cross a multiple of 2^32 elements (the pair index's high
  * part is folded into the key). Only these call sites expand the loops: one copy each. */
 #define ADOPT_SEGMENT(SUF, T, C, K, SR_OK)                                                        \
     do {                                                                                          \
@@ -322,34 +336,46 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
             const int64_t stop_ = ((s_ >> 32) + 1) << 32;                                         \
             int64_t t_ = e < stop_ ? e : stop_;                                                   \
             if (t_ - s_ > ADOPT_COUNT_PIECE) t_ = s_ + ADOPT_COUNT_PIECE;                         \
-            const uint32_t key_ = sr_ ? info[i].key ^ mix32((uint32_t)(s_ >> 32)) : 0u;           \
+            const uint32_t key_ = sr_ ? info[i].key ^ pair_high(s_) : 0u;                         \
             const int64_t o_ = s_ - b, n_ = t_ - s_;                                              \
-            const uint32_t base_ = (uint32_t)s_;                                                  \
             if (pass == PASS_MOMENTS) {                                                           \
                 const int64_t kept_ = moment_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_,    \
                                                     clip_, l2_on, nesterov);                      \
                 _Pragma("omp atomic")                                                             \
                 info[i].kept += kept_;                                                            \
+            } else if (SR_OK && sr_) {                                                            \
+                /* Stochastic rounding: the draws per chunk, then the loop over the chunk. */    \
+                uint16_t buf_[ADOPT_DRAW_CHUNK + 2];                                              \
+                for (int64_t c_ = 0; c_ < n_; c_ += ADOPT_DRAW_CHUNK) {                           \
+                    const int64_t cn_ = n_ - c_ < ADOPT_DRAW_CHUNK ? n_ - c_ : ADOPT_DRAW_CHUNK;  \
+                    const uint16_t *dr_ = draws_of(buf_, key_, s_ + c_, cn_);                     \
+                    const int64_t x_ = o_ + c_;                                                   \
+                    if (pass == PASS_APPLY && nesterov)                                           \
+                        apply_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, w_, l2_on, \
+                                    1, 1, dr_);                                                   \
+                    else if (pass == PASS_APPLY)                                                  \
+                        apply_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, w_, l2_on, \
+                                    1, 0, dr_);                                                   \
+                    else if (l2_on)                                                               \
+                        update_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, 1, 1,    \
+                                     nesterov, dr_);                                              \
+                    else                                                                          \
+                        update_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, 0, 1,    \
+                                     nesterov, dr_);                                              \
+                }                                                                                 \
             } else if (pass == PASS_APPLY) {                                                      \
                 if (nesterov)                                                                     \
-                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, sr_, \
-                                1, key_, base_);                                                  \
+                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, 0, 1, \
+                                NULL);                                                            \
                 else                                                                              \
-                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, sr_, \
-                                0, key_, base_);                                                  \
-            } else if (SR_OK && sr_) {                                                            \
-                if (l2_on)                                                                        \
-                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 1, 1, nesterov, \
-                                 key_, base_);                                                    \
-                else                                                                              \
-                    update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 0, 1, nesterov, \
-                                 key_, base_);                                                    \
+                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, 0, 0, \
+                                NULL);                                                            \
             } else if (l2_on) {                                                                   \
                 update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 1, 0, nesterov,   \
-                             0u, 0u);                                                             \
+                             NULL);                                                               \
             } else {                                                                              \
                 update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 0, 0, nesterov,   \
-                             0u, 0u);                                                             \
+                             NULL);                                                               \
             }                                                                                     \
             s_ = t_;                                                                              \
         }                                                                                         \
@@ -576,8 +602,9 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
     return 0;
 }
 
-uint32_t adopt_random_bits(int64_t seed, uint32_t step, int64_t index) {
-    return element_word(param_key(seed, step) ^ mix32((uint32_t)((uint64_t)index >> 32)), (uint32_t)index);
+uint32_t adopt_random_draw(int64_t seed, uint32_t step, int64_t index) {
+    uint16_t buf[3];
+    return *draws_of(buf, param_key(seed, step) ^ pair_high(index), index, 1);
 }
 
 uint16_t adopt_bf16_round_stochastic(float x, uint32_t r) { return bf16_store_sr(x, r); }
@@ -641,7 +668,7 @@ static inline float state_scale(uint32_t amax, uint32_t b_min, uint32_t *field) 
     return bits_to_f32(b << 23);
 }
 
-/* Codes of x (float32 bits) with random word r in a block whose code exponent 0 has float32
+/* Codes of x (float32 bits) with random word r (the draw << 16) in a block whose code exponent 0 has float32
  * exponent field o (m: B - 7, u: B - 15), as _state_formats.encode. */
 ADOPT_INLINE uint32_t enc_u8(uint32_t x, uint32_t r, int32_t o) {
     const uint32_t a = x & 0x7FFFFFFFu;
@@ -684,8 +711,8 @@ typedef struct {
     void *m, *v;         /* the block's first m and v code (uint8) or bfloat16 element */
     float *m_scale, *v_scale; /* 8bit: the block's scales, read then overwritten */
     int64_t n;           /* elements of the block */
-    uint32_t index_g;    /* the block's first flat index times GOLDEN (mod 2^32) */
-    uint32_t mk, vk;     /* the moments' keys, the index's high part folded in */
+    int64_t start;       /* the block's first flat index (a multiple of ADOPT_STATE_BLOCK) */
+    uint32_t mk, vk;     /* the moments' keys, the pair index's high part folded in */
     const coef_float *k;
     float clip, w;
     int first, caution, nesterov, l2_on;
@@ -722,6 +749,13 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
     /* 8bit: the codes decoded first, in a loop of their own (with the 8-bit loads in the
      * main loop GCC picks vectors of 8 bytes for all of it). */
     float mold[ADOPT_STATE_BLOCK], uold[ADOPT_STATE_BLOCK];
+    /* The moments' draws, one word per two elements (bf16: used in the loop below). */
+    uint16_t m_buf[ADOPT_STATE_BLOCK + 2], v_buf[ADOPT_STATE_BLOCK + 2];
+    const uint16_t *m_draw = NULL, *v_draw = NULL;
+    if (!count_only) {
+        m_draw = draws_of(m_buf, mk, c->start, n);
+        v_draw = draws_of(v_buf, vk, c->start, n);
+    }
     if (fmt8) {
         ADOPT_SIMD
         for (int64_t j = 0; j < n; j++) {
@@ -730,8 +764,7 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
         }
     }
     uint32_t am = 0, au = 0, kept = 0;
-    uint32_t index_g = c->index_g;
-    _Pragma("omp simd reduction(max : am, au) reduction(+ : kept) linear(index_g : ADOPT_GOLDEN)")
+    _Pragma("omp simd reduction(max : am, au) reduction(+ : kept)")
     for (int64_t j = 0; j < n; j++) {
         const float pi = pin[j];
         const float gl = gin[j] * gs;
@@ -771,11 +804,10 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
                 am = am > mbits ? am : mbits;
                 au = au > ubits ? au : ubits;
             } else {
-                mb[j] = bf16_store_sr(mo, mix32(index_g ^ mk));
-                vb[j] = bf16_store_sr(vn, mix32(index_g ^ vk));
+                mb[j] = bf16_store_sr(mo, m_draw[j]);
+                vb[j] = bf16_store_sr(vn, v_draw[j]);
             }
         }
-        index_g += ADOPT_GOLDEN;
     }
     if (count_only || !fmt8) return kept;
     uint32_t fm, fu;
@@ -785,14 +817,12 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
      * enc_m8 sees a valid exponent. */
     const int32_t om = (int32_t)(fm != 0 ? fm : 11u) - 7, ou = (int32_t)fu - 15;
     const uint32_t m_mask = fm != 0 ? 0xFFu : 0u, u_mask = fu != 0 ? 0xFFu : 0u; /* 0: every code 0 */
-    index_g = c->index_g;
-    _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
+    ADOPT_SIMD
     for (int64_t j = 0; j < n; j++) {
-        const uint32_t qm = enc_m8(f32_to_bits(mnew[j]), mix32(index_g ^ mk), om);
-        const uint32_t qu = enc_u8(f32_to_bits(unew[j]), mix32(index_g ^ vk), ou);
+        const uint32_t qm = enc_m8(f32_to_bits(mnew[j]), (uint32_t)m_draw[j] << 16, om);
+        const uint32_t qu = enc_u8(f32_to_bits(unew[j]), (uint32_t)v_draw[j] << 16, ou);
         mc[j] = (uint8_t)(qm & m_mask);
         vc[j] = (uint8_t)(qu & u_mask);
-        index_g += ADOPT_GOLDEN;
     }
     return 0;
 }
@@ -805,8 +835,8 @@ ADOPT_CLONES static uint32_t block_plain_bf16(const block_args *c) { return stat
 ADOPT_CLONES static uint32_t block_count_8bit(const block_args *c) { return state_block(c, 1, 1, 0); }
 ADOPT_CLONES static uint32_t block_count_bf16(const block_args *c) { return state_block(c, 0, 1, 0); }
 
-/* 16-bit params and grads to float32 and back (nearest, or stochastic with words from
- * index_g ^ key). */
+/* 16-bit params and grads to float32 and back (nearest, or stochastic with the draws of
+ * elements start .. start + n - 1 under `key`; n <= ADOPT_STATE_BLOCK). */
 ADOPT_CLONES static void widen_bf16(const uint16_t *restrict src, float *restrict dst, int64_t n) {
     ADOPT_SIMD
     for (int64_t j = 0; j < n; j++) dst[j] = bf16_load(src[j]);
@@ -818,31 +848,29 @@ ADOPT_CLONES static void widen_f16(const uint16_t *restrict src, float *restrict
 }
 
 ADOPT_CLONES static void narrow_bf16(const float *restrict src, uint16_t *restrict dst, int64_t n, const int sr,
-                                     uint32_t key, uint32_t index_g) {
+                                     uint32_t key, int64_t start) {
     if (!sr) {
         ADOPT_SIMD
         for (int64_t j = 0; j < n; j++) dst[j] = bf16_store(src[j]);
         return;
     }
-    _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
-    for (int64_t j = 0; j < n; j++) {
-        dst[j] = bf16_store_sr(src[j], mix32(index_g ^ key));
-        index_g += ADOPT_GOLDEN;
-    }
+    uint16_t buf[ADOPT_STATE_BLOCK + 2];
+    const uint16_t *draw = draws_of(buf, key, start, n);
+    ADOPT_SIMD
+    for (int64_t j = 0; j < n; j++) dst[j] = bf16_store_sr(src[j], draw[j]);
 }
 
 ADOPT_CLONES static void narrow_f16(const float *restrict src, uint16_t *restrict dst, int64_t n, const int sr,
-                                    uint32_t key, uint32_t index_g) {
+                                    uint32_t key, int64_t start) {
     if (!sr) {
         ADOPT_SIMD
         for (int64_t j = 0; j < n; j++) dst[j] = f16_store(src[j]);
         return;
     }
-    _Pragma("omp simd linear(index_g : ADOPT_GOLDEN)")
-    for (int64_t j = 0; j < n; j++) {
-        dst[j] = f16_store_sr(src[j], mix32(index_g ^ key));
-        index_g += ADOPT_GOLDEN;
-    }
+    uint16_t buf[ADOPT_STATE_BLOCK + 2];
+    const uint16_t *draw = draws_of(buf, key, start, n);
+    ADOPT_SIMD
+    for (int64_t j = 0; j < n; j++) dst[j] = f16_store_sr(src[j], draw[j]);
 }
 
 typedef struct {
@@ -882,10 +910,10 @@ static int64_t state_blocks(const adopt_state_args *sa, const state_info *ti, in
     for (int64_t blk = b; blk < e; blk++) {
         const int64_t j0 = blk * ADOPT_STATE_BLOCK;
         const int64_t n = numel - j0 < ADOPT_STATE_BLOCK ? numel - j0 : ADOPT_STATE_BLOCK;
-        /* Blocks never cross a multiple of 2^32 elements: the index's high part is per block. */
-        const uint32_t hi = mix32((uint32_t)((uint64_t)j0 >> 32));
+        /* Blocks never cross a multiple of 2^33 elements: the pair index's high part is per block. */
+        const uint32_t hi = pair_high(j0);
         c.n = n;
-        c.index_g = (uint32_t)j0 * ADOPT_GOLDEN;
+        c.start = j0;
         c.mk = ti->mkey ^ hi;
         c.vk = ti->vkey ^ hi;
         c.m = (char *)a->m[i] + (size_t)j0 * msize;
@@ -912,8 +940,8 @@ static int64_t state_blocks(const adopt_state_args *sa, const state_info *ti, in
         kept += worker(&c);
         if (count_only || wide || ti->first) continue;
         uint16_t *ph = (uint16_t *)a->p[i] + j0;
-        if (a->dtype == ADOPT_BF16) narrow_bf16(p_buf, ph, n, sr, ti->pkey ^ hi, c.index_g);
-        else narrow_f16(p_buf, ph, n, sr, ti->pkey ^ hi, c.index_g);
+        if (a->dtype == ADOPT_BF16) narrow_bf16(p_buf, ph, n, sr, ti->pkey ^ hi, j0);
+        else narrow_f16(p_buf, ph, n, sr, ti->pkey ^ hi, j0);
     }
     return kept;
 }

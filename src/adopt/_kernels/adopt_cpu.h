@@ -87,9 +87,10 @@ int adopt_cpu_state_step(const adopt_state_args *args);
 /* Nonzero when the library was compiled with OpenMP. */
 int adopt_cpu_has_openmp(void);
 
-/* The random word of element `index` for a tensor with `seed` at step count `step`, and the
- * stochastic rounding of float32 `x` with word `r`: what the kernel uses, for tests. */
-uint32_t adopt_random_bits(int64_t seed, uint32_t step, int64_t index);
+/* The 16-bit random draw of element `index` for a tensor with `seed` at step count `step`
+ * (parameter stream), and the stochastic rounding of float32 `x` with draw `r` (< 2^16):
+ * what the kernel uses, for tests. */
+uint32_t adopt_random_draw(int64_t seed, uint32_t step, int64_t index);
 uint16_t adopt_bf16_round_stochastic(float x, uint32_t r);
 uint16_t adopt_f16_round_stochastic(float x, uint32_t r);
 

@@ -1575,23 +1575,25 @@ static PyObject *py_host_steps(PyObject *self, PyObject *steps) {
 
 /* ---- the kernel's random bits and rounding, for tests ------------------------------------ */
 
-static PyObject *py_random_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *py_random_draw(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "random_bits() takes 3 arguments (%zd given)", nargs);
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "random_draw() takes 3 arguments (%zd given)", nargs);
     const long long seed = PyLong_AsLongLong(args[0]);
     const unsigned long step = PyLong_AsUnsignedLongMask(args[1]);
     const long long index = PyLong_AsLongLong(args[2]);
     if (PyErr_Occurred()) return NULL;
-    return PyLong_FromUnsignedLong(adopt_random_bits(seed, (uint32_t)step, index));
+    if (index < 0) return PyErr_Format(PyExc_ValueError, "random_draw(): index must be >= 0, got %lld", index);
+    return PyLong_FromUnsignedLong(adopt_random_draw(seed, (uint32_t)step, index));
 }
 
 static PyObject *py_round_stochastic(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "round_stochastic() takes 3 arguments (%zd given)", nargs);
     const double x = PyFloat_AsDouble(args[0]);
-    const unsigned long r = PyLong_AsUnsignedLongMask(args[1]);
+    const unsigned long r = PyLong_AsUnsignedLong(args[1]);
     const int half = PyObject_IsTrue(args[2]);
     if (PyErr_Occurred() || half < 0) return NULL;
+    if (r > 0xFFFFu) return PyErr_Format(PyExc_ValueError, "round_stochastic(): draw must be in [0, 65536), got %lu", r);
     const uint16_t out = half ? adopt_f16_round_stochastic((float)x, (uint32_t)r)
                               : adopt_bf16_round_stochastic((float)x, (uint32_t)r);
     return PyLong_FromLong(out);
@@ -1622,10 +1624,10 @@ static PyMethodDef methods[] = {
     {"check_lists", (PyCFunction)(void (*)(void))py_check_lists, METH_FASTCALL, check_lists_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
-    {"random_bits", (PyCFunction)(void (*)(void))py_random_bits, METH_FASTCALL,
-     "random_bits(seed, step, index) -> int: the kernel's random word of one element."},
+    {"random_draw", (PyCFunction)(void (*)(void))py_random_draw, METH_FASTCALL,
+     "random_draw(seed, step, index) -> int: the kernel's 16-bit random draw of one element."},
     {"round_stochastic", (PyCFunction)(void (*)(void))py_round_stochastic, METH_FASTCALL,
-     "round_stochastic(x, word, float16) -> int: the kernel's stochastic rounding of float32 x to\n"
+     "round_stochastic(x, draw, float16) -> int: the kernel's stochastic rounding of float32 x to\n"
      "bfloat16 (float16=False) or float16 bits."},
     {"neg_view_detection", py_neg_view_detection, METH_NOARGS,
      "How negated views are recognised: 'bit' (a flag found in the TensorImpl at import) or 'is_neg'."},

@@ -87,19 +87,26 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
+    def _draws(offs, key):
+        """The 16-bit random draws of elements ``offs`` under ``key`` (which holds the pair
+        index's high part, adopt/_random.py): half ``offs & 1`` of pair ``offs >> 1``'s word."""
+        word = _mix32((offs >> 1).to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32) ^ key)
+        return (word >> ((offs & 1).to(tl.uint32) * 16)) & 0xFFFF
+
+    @triton.jit
     def _round_stochastic(x, r, DTYPE: tl.constexpr):
-        """float32 ``x`` to DTYPE (bfloat16 or float16) with the random words ``r``."""
+        """float32 ``x`` to DTYPE (bfloat16 or float16) with the 16-bit random draws ``r``."""
         u = x.to(tl.uint32, bitcast=True)
         a = u & 0x7FFFFFFF
         nan = a > 0x7F800000
         if DTYPE == tl.bfloat16:
-            up = ((u + (r & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            up = ((u + r) & 0xFFFF0000).to(tl.float32, bitcast=True)
         else:
             sign = u & 0x80000000
             normal = ((a + (r & 0x1FFF)) & 0xFFFFE000) | sign
             scaled = a.to(tl.float32, bitcast=True) * 16777216.0
             low = tl.floor(scaled)
-            draw = (r >> 8).to(tl.float32) * 5.9604644775390625e-08
+            draw = r.to(tl.float32) * 1.52587890625e-05  # r * 2**-16
             sub = (low + tl.where(draw < scaled - low, 1.0, 0.0)) * 5.9604644775390625e-08
             up = tl.where(a < 0x38800000, sub.to(tl.uint32, bitcast=True) | sign, normal).to(tl.float32, bitcast=True)
         return tl.where(nan, x, up).to(DTYPE)
@@ -147,8 +154,7 @@ if triton is not None:
     def _store_param(p_ptr, offs, mask, p, key, ROUNDED: tl.constexpr):
         """Write p back: to nearest, or with stochastic rounding under ``key``."""
         if ROUNDED:
-            r = _mix32(offs.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32) ^ key)
-            tl.store(p_ptr + offs, _round_stochastic(p, r, p_ptr.dtype.element_ty), mask=mask)
+            tl.store(p_ptr + offs, _round_stochastic(p, _draws(offs, key), p_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
@@ -374,9 +380,9 @@ if triton is not None:
                     lr_ptr, lr_value, thresholds_ptr, t, step, clip_exponent, lr_max, wd, beta1, beta2, eps,
                     COMPUTE, CLIP_MODE, CORRECTED)
                 if ROUNDED:
-                    # key = mix32(mix32(seed) ^ s) ^ mix32(high 32 bits of this chunk's offsets)
+                    # key = mix32(mix32(seed) ^ s) ^ mix32(high 32 bits of this chunk's pair indices)
                     seed = (tl.load(seeds_ptr + t) & 0xFFFFFFFF).to(tl.uint32)
-                    key = _mix32(_mix32(seed) ^ step.to(tl.uint32)) ^ _mix32((start >> 32).to(tl.uint32))
+                    key = _mix32(_mix32(seed) ^ step.to(tl.uint32)) ^ _mix32((start >> 33).to(tl.uint32))
                 else:
                     key = None
                 if PASS == 0:

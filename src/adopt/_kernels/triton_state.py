@@ -4,7 +4,7 @@ The rule is the contract of issue 9 (``adopt/_state_formats.py`` is normative): 
 decode m and v to float32, run the full-precision per-element arithmetic of
 ``triton_adopt`` (the same operations in the same order, float32, no FP contraction), then
 encode both moments again with stochastic rounding under ``state_key(seed, s, moment)``
-(``s`` the tensor's step count before the step, the words ``element_bits(key, i)`` of the
+(``s`` the tensor's step count before the step, the draws ``element_draws(key, i)`` of the
 flat element index ``i``). Every step re-encodes both moments, ``s == 0`` included.
 
 Design
@@ -23,7 +23,7 @@ Design
   jit helpers in the kernel): one int64 device buffer of rows ``(p, g, m, v, m scales,
   v scales, step, numel, programs)``, the ``(tensor, chunk)`` map, completion counters and
   caution counts; cached under the tensors' addresses; the last program of a tensor writes
-  ``step + 1``. The ``seeds`` are always needed (the moments' random words).
+  ``step + 1``. The ``seeds`` are always needed (the moments' random draws).
 * **Caution** is two launches: a read-only one that counts each tensor's agreeing elements
   into a device buffer, then the full update, which reads the count.
 * **Parameters** (float32, bfloat16, float16) are written to nearest (bfloat16 by explicit
@@ -57,7 +57,7 @@ if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
     from .triton_adopt import (
-        _agree, _caution_weight, _complete, _grad, _inv_scale, _mix32, _normalised_root, _program_row,
+        _agree, _caution_weight, _complete, _draws, _grad, _inv_scale, _mix32, _normalised_root, _program_row,
         _round_stochastic, _row_pointer, _runs, _step_scalars,
     )
 
@@ -102,15 +102,10 @@ if triton is not None:
 
     @triton.jit
     def _bf16_stochastic(x, r):
-        """float32 to bfloat16 with the random words ``r``: adopt/_random.py's rule (as
+        """float32 to bfloat16 with the 16-bit random draws ``r``: adopt/_random.py's rule (as
         triton_adopt._round_stochastic), on the bits."""
         u = x.to(tl.uint32, bitcast=True)
-        return _bf16_bits(u, (u + (r & 0xFFFF)) >> 16)
-
-    @triton.jit
-    def _words(offs, key):
-        """The random words of elements ``offs`` under ``key`` (high index part folded in)."""
-        return _mix32(offs.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32) ^ key)
+        return _bf16_bits(u, (u + r) >> 16)
 
     @triton.jit
     def _decode_signed(c, E: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
@@ -129,7 +124,7 @@ if triton is not None:
     @triton.jit
     def _encode_tile(y, r, mask, SIGNED: tl.constexpr, E: tl.constexpr, M: tl.constexpr, BMIN: tl.constexpr):
         """Codes (uint8 tile) and block scales (float32, one per row) of the float32 tile ``y``
-        (each row one block) with the random words ``r``: _state_formats' rule on the bits."""
+        (each row one block) with the 16-bit random draws ``r``: _state_formats' rule on the bits."""
         D: tl.constexpr = 23 - M
         MAXQ: tl.constexpr = (1 << (E + M)) - 1
         bits = y.to(tl.int32, bitcast=True)
@@ -148,7 +143,7 @@ if triton is not None:
         scale_bits = tl.where(valid, field << 23, tl.where(finite, 0, 0x7FC00000))
         scale = scale_bits.to(tl.int32).to(tl.float32, bitcast=True)
         mag = a.to(tl.int64)
-        rr = r.to(tl.int64)  # zero-extended: a word in [0, 2**32)
+        rr = r.to(tl.int64) << 16  # the word: the draw as its high half, in [0, 2**32)
         o = (field - ((1 << E) - 1))[:, None]  # the float32 exponent field of code exponent 0
         q = ((mag + (rr >> (32 - D))) >> D) - (o << M)
         if SIGNED:
@@ -194,8 +189,8 @@ if triton is not None:
                        FMT: tl.constexpr, M_EXP: tl.constexpr, M_MAN: tl.constexpr, M_BMIN: tl.constexpr,
                        V_EXP: tl.constexpr, V_MAN: tl.constexpr, V_BMIN: tl.constexpr):
         """Encode the new float32 m and v with stochastic rounding and store them."""
-        r_m = _words(offs, key_m)
-        r_v = _words(offs, key_v)
+        r_m = _draws(offs, key_m)
+        r_v = _draws(offs, key_v)
         if FMT == 1:
             codes, scale = _encode_tile(m, r_m, mask, True, M_EXP, M_MAN, M_BMIN)
             tl.store(m_ptr + offs, codes, mask=mask)
@@ -212,9 +207,9 @@ if triton is not None:
         """Write p back: stochastic rounding under ``key_p``, or to nearest."""
         if ROUNDED:
             if p_ptr.dtype.element_ty == tl.bfloat16:
-                out = _bf16_stochastic(p, _words(offs, key_p))
+                out = _bf16_stochastic(p, _draws(offs, key_p))
             else:
-                out = _round_stochastic(p, _words(offs, key_p), p_ptr.dtype.element_ty)
+                out = _round_stochastic(p, _draws(offs, key_p), p_ptr.dtype.element_ty)
         elif p_ptr.dtype.element_ty == tl.bfloat16:
             out = _bf16_nearest(p)
         else:
@@ -323,10 +318,10 @@ if triton is not None:
             inv_scale = _inv_scale(grad_scale_ptr, tl.float32)
             wd = tl.full((), weight_decay, tl.float32)
 
-            # key = mix32(mix32(seed ^ stream * GOLDEN) ^ s) ^ mix32(high 32 bits of the offsets)
+            # key = mix32(mix32(seed ^ stream * GOLDEN) ^ s) ^ mix32(high 32 bits of the pair indices)
             seed = (tl.load(seeds_ptr + t) & 0xFFFFFFFF).to(tl.uint32)
             s32 = step.to(tl.uint32)
-            high = _mix32((start >> 32).to(tl.uint32))
+            high = _mix32((start >> 33).to(tl.uint32))
             key_v = _mix32(_mix32(seed ^ tl.full((), V_STREAM, tl.uint32)) ^ s32) ^ high
             key_m = _mix32(_mix32(seed ^ tl.full((), M_STREAM, tl.uint32)) ^ s32) ^ high
 
