@@ -222,28 +222,34 @@ typedef struct {
         const T nearest = STORE(x);                                                               \
         return sr_on ? STORE_SR(x, draw) : nearest;                                               \
     }                                                                                             \
+    /* One element of a later step: the new p, m and v of the stored p, g, m and v. */         \
+    ADOPT_INLINE void step_one_##SUF(const T ps, const T gs, const T ms, const T vs,              \
+                                     const coef_##C *k, const C clip, const int l2_on,            \
+                                     const int sr_on, const int nesterov, const uint32_t draw,    \
+                                     T *po, T *mo, T *vo) {                                       \
+        const C pi = LOAD(ps);                                                                    \
+        const C gi = grad_##SUF(gs, pi, k, l2_on);                                                \
+        const C vi = LOAD(vs);                                                                    \
+        const C u = normalised_##SUF(gi, vi, k, clip);                                            \
+        C mi = LOAD(ms);                                                                          \
+        mi = mi + k->b1c * (u - mi);                                                              \
+        const T mn = STORE(mi);                                                                   \
+        /* The update from the stored m with stochastic rounding, as the torch paths. */         \
+        const C mu = sr_on ? LOAD(mn) : mi;                                                       \
+        const C ahead = mu + k->b1c * (u - mu);                                                   \
+        const C up = nesterov ? ahead : mu;                                                       \
+        *po = store_p_##SUF(pi * k->decay - k->lr * up, sr_on, draw);                             \
+        *mo = mn;                                                                                 \
+        *vo = STORE(k->b2 * vi + k->b2c * (gi * gi));                                             \
+    }                                                                                             \
     ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
                                     const int l2_on, const int sr_on, const int nesterov,        \
                                     const uint16_t *restrict draws) {                             \
-        const C decay = k->decay, lr = k->lr, b1c = k->b1c, b2 = k->b2, b2c = k->b2c;             \
         ADOPT_SIMD                                                                                \
-        for (int64_t i = 0; i < n; i++) {                                                         \
-            const C pi = LOAD(p[i]);                                                              \
-            const C gi = grad_##SUF(g[i], pi, k, l2_on);                                          \
-            const C vi = LOAD(v[i]);                                                              \
-            const C u = normalised_##SUF(gi, vi, k, clip);                                        \
-            C mi = LOAD(m[i]);                                                                    \
-            mi = mi + b1c * (u - mi);                                                             \
-            const T ms = STORE(mi);                                                               \
-            /* The update from the stored m with stochastic rounding, as the torch paths. */     \
-            const C mu = sr_on ? LOAD(ms) : mi;                                                   \
-            const C ahead = mu + b1c * (u - mu);                                                  \
-            const C up = nesterov ? ahead : mu;                                                   \
-            p[i] = store_p_##SUF(pi * decay - lr * up, sr_on, sr_on ? draws[i] : 0u);             \
-            m[i] = ms;                                                                            \
-            v[i] = STORE(b2 * vi + b2c * (gi * gi));                                              \
-        }                                                                                         \
+        for (int64_t i = 0; i < n; i++)                                                           \
+            step_one_##SUF(p[i], g[i], m[i], v[i], k, clip, l2_on, sr_on, nesterov,               \
+                           sr_on ? draws[i] : 0u, &p[i], &m[i], &v[i]);                           \
     }                                                                                             \
     ADOPT_INLINE int64_t moment_##SUF(const T *restrict p, const T *restrict g, T *restrict m,   \
                                        T *restrict v, int64_t n, const coef_##C *k, const C clip, \
@@ -300,6 +306,91 @@ ADOPT_DEFINE_LOOPS(f64, double, double, f64_load, f64_store, f64_store_sr, sqrt)
 ADOPT_DEFINE_LOOPS(f16, uint16_t, float, f16_load, f16_store, f16_store_sr, sqrtf)
 ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, sqrtf)
 
+/* A later step with stochastic rounding of 16-bit tensors over `pairs` pairs of elements
+ * (elements 2q and 2q + 1 from the segment's start, which is an even element: pair index
+ * first_pair + q), each pair as one 32-bit lane: the pair's word is computed once and its
+ * halves round the two elements, the 16-bit values are unpacked and packed with shifts.
+ * Little-endian layout (the low half of a lane is the even element). Same arithmetic as
+ * update_ element by element. */
+#define ADOPT_DEFINE_PAIR_LOOP(SUF)                                                               \
+    ADOPT_INLINE void update_pairs_##SUF(uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v, \
+                                         int64_t pairs, const coef_float *k, const float clip,    \
+                                         const int l2_on, const int nesterov, const uint32_t key, \
+                                         const int64_t first_pair) {                              \
+        uint32_t pair_g = (uint32_t)first_pair * ADOPT_GOLDEN;                                    \
+        _Pragma("omp simd linear(pair_g : ADOPT_GOLDEN)")                                         \
+        for (int64_t q = 0; q < pairs; q++) {                                                     \
+            uint32_t pw, gw, mw, vw;                                                              \
+            memcpy(&pw, p + 2 * q, 4);                                                            \
+            memcpy(&gw, g + 2 * q, 4);                                                            \
+            memcpy(&mw, m + 2 * q, 4);                                                            \
+            memcpy(&vw, v + 2 * q, 4);                                                            \
+            const uint32_t word = mix32(pair_g ^ key);                                            \
+            uint16_t p0, m0, v0, p1, m1, v1;                                                      \
+            step_one_##SUF((uint16_t)pw, (uint16_t)gw, (uint16_t)mw, (uint16_t)vw, k, clip, l2_on, \
+                           1, nesterov, word & 0xFFFFu, &p0, &m0, &v0);                           \
+            step_one_##SUF((uint16_t)(pw >> 16), (uint16_t)(gw >> 16), (uint16_t)(mw >> 16),      \
+                           (uint16_t)(vw >> 16), k, clip, l2_on, 1, nesterov, word >> 16, &p1,    \
+                           &m1, &v1);                                                             \
+            pw = (uint32_t)p0 | (uint32_t)p1 << 16;                                               \
+            mw = (uint32_t)m0 | (uint32_t)m1 << 16;                                               \
+            vw = (uint32_t)v0 | (uint32_t)v1 << 16;                                               \
+            memcpy(p + 2 * q, &pw, 4);                                                            \
+            memcpy(m + 2 * q, &mw, 4);                                                            \
+            memcpy(v + 2 * q, &vw, 4);                                                            \
+            pair_g += ADOPT_GOLDEN;                                                               \
+        }                                                                                         \
+    }
+
+/* The stochastic-rounding step of elements start .. start + n - 1 of a 16-bit tensor (one
+ * piece: see ADOPT_SEGMENT): an odd first and an unpaired last element alone, the rest in
+ * pairs (little-endian hosts; elsewhere element by element with draws_of per chunk). */
+#define ADOPT_DEFINE_SR_STEP(SUF)                                                                 \
+    ADOPT_DEFINE_PAIR_LOOP(SUF)                                                                   \
+    ADOPT_INLINE void sr_step_##SUF(uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v,     \
+                                    int64_t n, const coef_float *k, const float clip,             \
+                                    const int l2_on, const int nesterov, const uint32_t key,      \
+                                    const int64_t start) {                                        \
+        uint16_t one[3];                                                                          \
+        int64_t j = 0;                                                                            \
+        if ((start & 1) && n > 0) {                                                               \
+            update_##SUF(p, g, m, v, 1, k, clip, l2_on, 1, nesterov, draws_of(one, key, start, 1)); \
+            j = 1;                                                                                \
+        }                                                                                         \
+        const int64_t pairs = (n - j) >> 1;                                                       \
+        if (ADOPT_LITTLE_ENDIAN) {                                                                \
+            if (l2_on)                                                                            \
+                update_pairs_##SUF(p + j, g + j, m + j, v + j, pairs, k, clip, 1, nesterov, key,  \
+                                   (start + j) >> 1);                                             \
+            else                                                                                  \
+                update_pairs_##SUF(p + j, g + j, m + j, v + j, pairs, k, clip, 0, nesterov, key,  \
+                                   (start + j) >> 1);                                             \
+        } else {                                                                                  \
+            uint16_t buf[ADOPT_DRAW_CHUNK + 2];                                                   \
+            for (int64_t c = j; c < j + 2 * pairs; c += ADOPT_DRAW_CHUNK) {                       \
+                const int64_t cn = j + 2 * pairs - c < ADOPT_DRAW_CHUNK ? j + 2 * pairs - c       \
+                                                                        : ADOPT_DRAW_CHUNK;       \
+                update_##SUF(p + c, g + c, m + c, v + c, cn, k, clip, l2_on, 1, nesterov,         \
+                             draws_of(buf, key, start + c, cn));                                  \
+            }                                                                                     \
+        }                                                                                         \
+        j += 2 * pairs;                                                                           \
+        if (j < n)                                                                                \
+            update_##SUF(p + j, g + j, m + j, v + j, 1, k, clip, l2_on, 1, nesterov,              \
+                         draws_of(one, key, start + j, 1));                                       \
+    }
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define ADOPT_LITTLE_ENDIAN 1
+#else
+#define ADOPT_LITTLE_ENDIAN 0
+#endif
+
+ADOPT_DEFINE_SR_STEP(f16)
+ADOPT_DEFINE_SR_STEP(bf16)
+/* float32/float64 parameters are never rounded stochastically. */
+#define ADOPT_NO_SR_STEP(...) ((void)0)
+
 /* ---- one thread's share ------------------------------------------------------------- */
 
 typedef struct {
@@ -318,7 +409,7 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
 /* Runs `pass` on elements [b, e) of tensor `i`; stochastic rounding only where SR_OK (16-bit
  * types), in pieces that do not cross a multiple of 2^32 elements (the pair index's high
  * part is folded into the key). Only these call sites expand the loops: one copy each. */
-#define ADOPT_SEGMENT(SUF, T, C, K, SR_OK)                                                        \
+#define ADOPT_SEGMENT(SUF, T, C, K, SR_OK, SR_STEP)                                               \
     do {                                                                                          \
         T *p_ = (T *)a->p[i] + b, *m_ = (T *)a->m[i] + b, *v_ = (T *)a->v[i] + b;                 \
         const T *g_ = (const T *)a->g[i] + b;                                                     \
@@ -343,25 +434,21 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
                                                     clip_, l2_on, nesterov);                      \
                 _Pragma("omp atomic")                                                             \
                 info[i].kept += kept_;                                                            \
+            } else if (SR_OK && sr_ && pass == PASS_STEP) {                                       \
+                SR_STEP(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, l2_on, nesterov, key_, s_); \
             } else if (SR_OK && sr_) {                                                            \
-                /* Stochastic rounding: the draws per chunk, then the loop over the chunk. */    \
+                /* A cautious step's write-back: the draws per chunk, then the loop over it. */  \
                 uint16_t buf_[ADOPT_DRAW_CHUNK + 2];                                              \
                 for (int64_t c_ = 0; c_ < n_; c_ += ADOPT_DRAW_CHUNK) {                           \
                     const int64_t cn_ = n_ - c_ < ADOPT_DRAW_CHUNK ? n_ - c_ : ADOPT_DRAW_CHUNK;  \
                     const uint16_t *dr_ = draws_of(buf_, key_, s_ + c_, cn_);                     \
                     const int64_t x_ = o_ + c_;                                                   \
-                    if (pass == PASS_APPLY && nesterov)                                           \
+                    if (nesterov)                                                                 \
                         apply_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, w_, l2_on, \
                                     1, 1, dr_);                                                   \
-                    else if (pass == PASS_APPLY)                                                  \
+                    else                                                                          \
                         apply_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, w_, l2_on, \
                                     1, 0, dr_);                                                   \
-                    else if (l2_on)                                                               \
-                        update_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, 1, 1,    \
-                                     nesterov, dr_);                                              \
-                    else                                                                          \
-                        update_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, 0, 1,    \
-                                     nesterov, dr_);                                              \
                 }                                                                                 \
             } else if (pass == PASS_APPLY) {                                                      \
                 if (nesterov)                                                                     \
@@ -439,10 +526,10 @@ ADOPT_INLINE void range_pass(const adopt_cpu_args *a, tensor_info *info, int64_t
         const int64_t e = (hi < stop ? hi : stop) - start;
         if (e <= b) continue;
         switch (a->dtype) {
-        case ADOPT_F32: ADOPT_SEGMENT(f32, float, float, kf, 0); break;
-        case ADOPT_F64: ADOPT_SEGMENT(f64, double, double, kd, 0); break;
-        case ADOPT_F16: ADOPT_SEGMENT(f16, uint16_t, float, kf, 1); break;
-        case ADOPT_BF16: ADOPT_SEGMENT(bf16, uint16_t, float, kf, 1); break;
+        case ADOPT_F32: ADOPT_SEGMENT(f32, float, float, kf, 0, ADOPT_NO_SR_STEP); break;
+        case ADOPT_F64: ADOPT_SEGMENT(f64, double, double, kd, 0, ADOPT_NO_SR_STEP); break;
+        case ADOPT_F16: ADOPT_SEGMENT(f16, uint16_t, float, kf, 1, sr_step_f16); break;
+        case ADOPT_BF16: ADOPT_SEGMENT(bf16, uint16_t, float, kf, 1, sr_step_bf16); break;
         }
     }
 }
