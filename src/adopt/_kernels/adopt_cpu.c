@@ -183,9 +183,10 @@ typedef struct {
  * g' = g * gscale (+ l2 * p when L2 decay is on); gscale folds AMP unscaling and maximize.
  * `l2_on` and `sr_on` are compile-time constants at every call site of first_/update_, so
  * each variant of the common step is its own loop. With `sr_on` (16-bit types only) p is
- * written back with stochastic rounding from the stored m, element i with draws[i] (the
- * callers fill them per chunk of ADOPT_DRAW_CHUNK elements: draws_of). With `nesterov` (a select per element, so the
- * loop is not duplicated for it) the update is lerp(m, n, 1 - beta1) instead of m.
+ * written back with stochastic rounding from the stored m, element i with draws[i] (filled
+ * by draws_of; the common step of 16-bit tensors runs update_pairs_ instead, below). With
+ * `nesterov` (a select per element, so the loop is not duplicated for it) the update is
+ * lerp(m, n, 1 - beta1) instead of m. step_one_ is the rule for one element.
  * A cautious step (adopt/_variants.py) takes two passes, since each tensor's weight w depends
  * on all of its elements: moment_* updates m (and v, unless Nesterov needs the old v in the
  * second pass: then v is stored back unchanged) and returns how many elements of the update
