@@ -32,9 +32,10 @@ def test_kernel_has_no_debug_info_and_no_runpath() -> None:
     tags = _elf_dynamic_tags(so)
     assert "RUNPATH" not in tags and "RPATH" not in tags, tags
     # Stripped, the kernel is a few hundred KB (each loop in three instruction-set clones,
-    # the cautious step's two passes and the low-memory state step's block workers included:
-    # ~475 KB); debug information would add megabytes.
-    assert so.stat().st_size < 500_000
+    # the cautious step's two passes, the low-memory state step's block workers and the
+    # 16-bit stochastic-rounding pair loops included: ~560 KB); debug information would add
+    # megabytes.
+    assert so.stat().st_size < 700_000
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler")

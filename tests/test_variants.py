@@ -192,14 +192,16 @@ def test_gradcheck_through_the_variants() -> None:
 @pytest.mark.parametrize("path", path_params())
 def test_bf16_stochastic_rounding_with_the_variants(path: str) -> None:
     """The variants' update is what stochastic rounding writes back; the torch-op paths agree
-    bit for bit, the fused kernel (float32 arithmetic throughout) to an ulp."""
+    bit for bit, the fused kernel (float32 arithmetic throughout) to a few ulps: an ulp apart
+    at one step (test_stochastic_rounding's one-step test), the two then round later steps
+    from different values, so over STEPS steps their gap can grow by an ulp or two."""
     init, grads = make_problem(STEPS, dtype=torch.bfloat16, seed=9)
     kw = dict(weight_decay=0.1, decouple=True, nesterov=True, caution=True, stochastic_rounding=True)
     ref, _ = _run(init, grads, **kw, foreach=False)
     got, _ = _run(init, grads, **kw, **usable_paths()[path])
     for a, b in zip(ref, got):
         if "fused" in path:
-            torch.testing.assert_close(a, b, rtol=2 ** -7, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=2 ** -5, atol=1e-6)  # 4 to 8 bfloat16 ulps
         else:
             assert torch.equal(a, b)
 

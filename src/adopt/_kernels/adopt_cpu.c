@@ -137,6 +137,12 @@ ADOPT_INLINE const uint16_t *draws_of(uint16_t *restrict buf, uint32_t key, int6
 /* mix32 of the pair index's high part (hi(k) = i >> 33), folded into a key. */
 ADOPT_INLINE uint32_t pair_high(int64_t index) { return mix32((uint32_t)((uint64_t)index >> 33)); }
 
+/* The draw of one element, as draws_of computes it. */
+ADOPT_INLINE uint32_t draw_at(uint32_t key, int64_t index) {
+    const uint32_t word = mix32((uint32_t)((uint64_t)index >> 1) * ADOPT_GOLDEN ^ key);
+    return (word >> ((index & 1) * 16)) & 0xFFFFu;
+}
+
 /* r: the element's 16-bit draw. */
 ADOPT_INLINE uint16_t bf16_store_sr(float f, uint32_t r) {
     const uint32_t u = f32_to_bits(f);
@@ -352,10 +358,10 @@ ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, 
                                     int64_t n, const coef_float *k, const float clip,             \
                                     const int l2_on, const int nesterov, const uint32_t key,      \
                                     const int64_t start) {                                        \
-        uint16_t one[3];                                                                          \
         int64_t j = 0;                                                                            \
         if ((start & 1) && n > 0) {                                                               \
-            update_##SUF(p, g, m, v, 1, k, clip, l2_on, 1, nesterov, draws_of(one, key, start, 1)); \
+            step_one_##SUF(p[0], g[0], m[0], v[0], k, clip, l2_on, 1, nesterov, draw_at(key, start), \
+                           p, m, v);                                                              \
             j = 1;                                                                                \
         }                                                                                         \
         const int64_t pairs = (n - j) >> 1;                                                       \
@@ -377,8 +383,8 @@ ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, 
         }                                                                                         \
         j += 2 * pairs;                                                                           \
         if (j < n)                                                                                \
-            update_##SUF(p + j, g + j, m + j, v + j, 1, k, clip, l2_on, 1, nesterov,              \
-                         draws_of(one, key, start + j, 1));                                       \
+            step_one_##SUF(p[j], g[j], m[j], v[j], k, clip, l2_on, 1, nesterov,                   \
+                           draw_at(key, start + j), p + j, m + j, v + j);                         \
     }
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -437,27 +443,21 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
                 info[i].kept += kept_;                                                            \
             } else if (SR_OK && sr_ && pass == PASS_STEP) {                                       \
                 SR_STEP(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, l2_on, nesterov, key_, s_); \
-            } else if (SR_OK && sr_) {                                                            \
-                /* A cautious step's write-back: the draws per chunk, then the loop over it. */  \
-                uint16_t buf_[ADOPT_DRAW_CHUNK + 2];                                              \
+            } else if (pass == PASS_APPLY) {                                                      \
+                /* A cautious step's write-back, per chunk: the draws (with stochastic rounding; \
+                 * otherwise zeros, never used), then the loop over the chunk. */               \
+                uint16_t buf_[ADOPT_DRAW_CHUNK + 2] = {0};                                        \
                 for (int64_t c_ = 0; c_ < n_; c_ += ADOPT_DRAW_CHUNK) {                           \
                     const int64_t cn_ = n_ - c_ < ADOPT_DRAW_CHUNK ? n_ - c_ : ADOPT_DRAW_CHUNK;  \
-                    const uint16_t *dr_ = draws_of(buf_, key_, s_ + c_, cn_);                     \
+                    const uint16_t *dr_ = SR_OK && sr_ ? draws_of(buf_, key_, s_ + c_, cn_) : buf_; \
                     const int64_t x_ = o_ + c_;                                                   \
                     if (nesterov)                                                                 \
                         apply_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, w_, l2_on, \
-                                    1, 1, dr_);                                                   \
+                                    sr_, 1, dr_);                                                 \
                     else                                                                          \
                         apply_##SUF(p_ + x_, g_ + x_, m_ + x_, v_ + x_, cn_, k_, clip_, w_, l2_on, \
-                                    1, 0, dr_);                                                   \
+                                    sr_, 0, dr_);                                                 \
                 }                                                                                 \
-            } else if (pass == PASS_APPLY) {                                                      \
-                if (nesterov)                                                                     \
-                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, 0, 1, \
-                                NULL);                                                            \
-                else                                                                              \
-                    apply_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, w_, l2_on, 0, 0, \
-                                NULL);                                                            \
             } else if (l2_on) {                                                                   \
                 update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 1, 0, nesterov,   \
                              NULL);                                                               \
@@ -691,8 +691,7 @@ int adopt_cpu_step(const adopt_cpu_args *a) {
 }
 
 uint32_t adopt_random_draw(int64_t seed, uint32_t step, int64_t index) {
-    uint16_t buf[3];
-    return *draws_of(buf, param_key(seed, step) ^ pair_high(index), index, 1);
+    return draw_at(param_key(seed, step) ^ pair_high(index), index);
 }
 
 uint16_t adopt_bf16_round_stochastic(float x, uint32_t r) { return bf16_store_sr(x, r); }
