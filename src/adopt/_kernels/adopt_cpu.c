@@ -185,14 +185,14 @@ typedef struct {
 
 /*
  * first_*:  the tensor's first step, v = g'^2 (p and m are left alone).
- * update_*: every later step; `clip` is +inf when clipping is off, which leaves n as is.
+ * update_*: every later step, p written back to nearest; `clip` is +inf when clipping is
+ * off, which leaves n as is. step_one_ is the rule for one element; with `sr_on` (16-bit
+ * types only) p is written back with stochastic rounding from the stored m (the common step
+ * of 16-bit tensors with it runs update_pairs_, below).
  * g' = g * gscale (+ l2 * p when L2 decay is on); gscale folds AMP unscaling and maximize.
- * `l2_on` and `sr_on` are compile-time constants at every call site of first_/update_, so
- * each variant of the common step is its own loop. With `sr_on` (16-bit types only) p is
- * written back with stochastic rounding from the stored m, element i with draws[i] (filled
- * by draws_of; the common step of 16-bit tensors runs update_pairs_ instead, below). With
- * `nesterov` (a select per element, so the loop is not duplicated for it) the update is
- * lerp(m, n, 1 - beta1) instead of m. step_one_ is the rule for one element.
+ * `l2_on` is a compile-time constant at every call site of first_/update_, so each variant
+ * of the common step is its own loop. With `nesterov` (a select per element, so the loop is
+ * not duplicated for it) the update is lerp(m, n, 1 - beta1) instead of m.
  * A cautious step (adopt/_variants.py) takes two passes, since each tensor's weight w depends
  * on all of its elements: moment_* updates m (and v, unless Nesterov needs the old v in the
  * second pass: then v is stored back unchanged) and returns how many elements of the update
@@ -251,12 +251,11 @@ typedef struct {
     }                                                                                             \
     ADOPT_INLINE void update_##SUF(T *restrict p, const T *restrict g, T *restrict m,            \
                                     T *restrict v, int64_t n, const coef_##C *k, const C clip,   \
-                                    const int l2_on, const int sr_on, const int nesterov,        \
-                                    const uint16_t *restrict draws) {                             \
+                                    const int l2_on, const int nesterov) {                        \
         ADOPT_SIMD                                                                                \
         for (int64_t i = 0; i < n; i++)                                                           \
-            step_one_##SUF(p[i], g[i], m[i], v[i], k, clip, l2_on, sr_on, nesterov,               \
-                           sr_on ? draws[i] : 0u, &p[i], &m[i], &v[i]);                           \
+            step_one_##SUF(p[i], g[i], m[i], v[i], k, clip, l2_on, 0, nesterov, 0u, &p[i], &m[i], \
+                           &v[i]);                                                                \
     }                                                                                             \
     ADOPT_INLINE int64_t moment_##SUF(const T *restrict p, const T *restrict g, T *restrict m,   \
                                        T *restrict v, int64_t n, const coef_##C *k, const C clip, \
@@ -313,12 +312,20 @@ ADOPT_DEFINE_LOOPS(f64, double, double, f64_load, f64_store, f64_store_sr, sqrt)
 ADOPT_DEFINE_LOOPS(f16, uint16_t, float, f16_load, f16_store, f16_store_sr, sqrtf)
 ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, sqrtf)
 
+/* Where the even element of a pair lies in a 32-bit lane loaded from memory (little-endian
+ * unless the compiler says otherwise: every platform torch runs on). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define ADOPT_EVEN_SHIFT 16u
+#else
+#define ADOPT_EVEN_SHIFT 0u
+#endif
+
 /* A later step with stochastic rounding of 16-bit tensors over `pairs` pairs of elements
  * (elements 2q and 2q + 1 from the segment's start, which is an even element: pair index
  * first_pair + q), each pair as one 32-bit lane: the pair's word is computed once and its
- * halves round the two elements, the 16-bit values are unpacked and packed with shifts.
- * Little-endian layout (the low half of a lane is the even element). Same arithmetic as
- * update_ element by element. */
+ * halves round the two elements (the low half the even one), the 16-bit values are
+ * unpacked and packed with shifts (ADOPT_EVEN_SHIFT: where the even element lies in a lane
+ * loaded from memory). Same arithmetic as update_ element by element. */
 #define ADOPT_DEFINE_PAIR_LOOP(SUF)                                                               \
     ADOPT_INLINE void update_pairs_##SUF(uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v, \
                                          int64_t pairs, const coef_float *k, const float clip,    \
@@ -334,14 +341,16 @@ ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, 
             memcpy(&vw, v + 2 * q, 4);                                                            \
             const uint32_t word = mix32(pair_g ^ key);                                            \
             uint16_t p0, m0, v0, p1, m1, v1;                                                      \
-            step_one_##SUF((uint16_t)pw, (uint16_t)gw, (uint16_t)mw, (uint16_t)vw, k, clip, l2_on, \
-                           1, nesterov, word & 0xFFFFu, &p0, &m0, &v0);                           \
-            step_one_##SUF((uint16_t)(pw >> 16), (uint16_t)(gw >> 16), (uint16_t)(mw >> 16),      \
-                           (uint16_t)(vw >> 16), k, clip, l2_on, 1, nesterov, word >> 16, &p1,    \
+            const unsigned e_ = ADOPT_EVEN_SHIFT, o_ = 16u - ADOPT_EVEN_SHIFT;                    \
+            step_one_##SUF((uint16_t)(pw >> e_), (uint16_t)(gw >> e_), (uint16_t)(mw >> e_),      \
+                           (uint16_t)(vw >> e_), k, clip, l2_on, 1, nesterov, word & 0xFFFFu, &p0, \
+                           &m0, &v0);                                                             \
+            step_one_##SUF((uint16_t)(pw >> o_), (uint16_t)(gw >> o_), (uint16_t)(mw >> o_),      \
+                           (uint16_t)(vw >> o_), k, clip, l2_on, 1, nesterov, word >> 16, &p1,    \
                            &m1, &v1);                                                             \
-            pw = (uint32_t)p0 | (uint32_t)p1 << 16;                                               \
-            mw = (uint32_t)m0 | (uint32_t)m1 << 16;                                               \
-            vw = (uint32_t)v0 | (uint32_t)v1 << 16;                                               \
+            pw = (uint32_t)p0 << e_ | (uint32_t)p1 << o_;                                         \
+            mw = (uint32_t)m0 << e_ | (uint32_t)m1 << o_;                                         \
+            vw = (uint32_t)v0 << e_ | (uint32_t)v1 << o_;                                         \
             memcpy(p + 2 * q, &pw, 4);                                                            \
             memcpy(m + 2 * q, &mw, 4);                                                            \
             memcpy(v + 2 * q, &vw, 4);                                                            \
@@ -351,7 +360,7 @@ ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, 
 
 /* The stochastic-rounding step of elements start .. start + n - 1 of a 16-bit tensor (one
  * piece: see ADOPT_SEGMENT): an odd first and an unpaired last element alone, the rest in
- * pairs (little-endian hosts; elsewhere element by element with draws_of per chunk). */
+ * pairs. */
 #define ADOPT_DEFINE_SR_STEP(SUF)                                                                 \
     ADOPT_DEFINE_PAIR_LOOP(SUF)                                                                   \
     ADOPT_INLINE void sr_step_##SUF(uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v,     \
@@ -365,33 +374,17 @@ ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, 
             j = 1;                                                                                \
         }                                                                                         \
         const int64_t pairs = (n - j) >> 1;                                                       \
-        if (ADOPT_LITTLE_ENDIAN) {                                                                \
-            if (l2_on)                                                                            \
-                update_pairs_##SUF(p + j, g + j, m + j, v + j, pairs, k, clip, 1, nesterov, key,  \
-                                   (start + j) >> 1);                                             \
-            else                                                                                  \
-                update_pairs_##SUF(p + j, g + j, m + j, v + j, pairs, k, clip, 0, nesterov, key,  \
-                                   (start + j) >> 1);                                             \
-        } else {                                                                                  \
-            uint16_t buf[ADOPT_DRAW_CHUNK + 2];                                                   \
-            for (int64_t c = j; c < j + 2 * pairs; c += ADOPT_DRAW_CHUNK) {                       \
-                const int64_t cn = j + 2 * pairs - c < ADOPT_DRAW_CHUNK ? j + 2 * pairs - c       \
-                                                                        : ADOPT_DRAW_CHUNK;       \
-                update_##SUF(p + c, g + c, m + c, v + c, cn, k, clip, l2_on, 1, nesterov,         \
-                             draws_of(buf, key, start + c, cn));                                  \
-            }                                                                                     \
-        }                                                                                         \
+        if (l2_on)                                                                                \
+            update_pairs_##SUF(p + j, g + j, m + j, v + j, pairs, k, clip, 1, nesterov, key,      \
+                               (start + j) >> 1);                                                 \
+        else                                                                                      \
+            update_pairs_##SUF(p + j, g + j, m + j, v + j, pairs, k, clip, 0, nesterov, key,      \
+                               (start + j) >> 1);                                                 \
         j += 2 * pairs;                                                                           \
         if (j < n)                                                                                \
             step_one_##SUF(p[j], g[j], m[j], v[j], k, clip, l2_on, 1, nesterov,                   \
                            draw_at(key, start + j), p + j, m + j, v + j);                         \
     }
-
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define ADOPT_LITTLE_ENDIAN 1
-#else
-#define ADOPT_LITTLE_ENDIAN 0
-#endif
 
 ADOPT_DEFINE_SR_STEP(f16)
 ADOPT_DEFINE_SR_STEP(bf16)
@@ -459,11 +452,9 @@ typedef enum { PASS_STEP = 0, PASS_MOMENTS = 1, PASS_APPLY = 2 } pass_t;
                                     sr_, 0, dr_);                                                 \
                 }                                                                                 \
             } else if (l2_on) {                                                                   \
-                update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 1, 0, nesterov,   \
-                             NULL);                                                               \
+                update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 1, nesterov);     \
             } else {                                                                              \
-                update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 0, 0, nesterov,   \
-                             NULL);                                                               \
+                update_##SUF(p_ + o_, g_ + o_, m_ + o_, v_ + o_, n_, k_, clip_, 0, nesterov);     \
             }                                                                                     \
             s_ = t_;                                                                              \
         }                                                                                         \
@@ -755,8 +746,8 @@ static inline float state_scale(uint32_t amax, uint32_t b_min, uint32_t *field) 
     return bits_to_f32(b << 23);
 }
 
-/* Codes of x (float32 bits) with random word r (the draw << 16) in a block whose code exponent 0 has float32
- * exponent field o (m: B - 7, u: B - 15), as _state_formats.encode. */
+/* Codes of x (float32 bits) with random word r (the draw << 16) in a block whose code
+ * exponent 0 has float32 exponent field o (m: B - 7, u: B - 15), as _state_formats.encode. */
 ADOPT_INLINE uint32_t enc_u8(uint32_t x, uint32_t r, int32_t o) {
     const uint32_t a = x & 0x7FFFFFFFu;
     int32_t q = (int32_t)((a + (r >> 13)) >> 19) - o * 16;
