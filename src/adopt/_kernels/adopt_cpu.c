@@ -312,20 +312,21 @@ ADOPT_DEFINE_LOOPS(f64, double, double, f64_load, f64_store, f64_store_sr, sqrt)
 ADOPT_DEFINE_LOOPS(f16, uint16_t, float, f16_load, f16_store, f16_store_sr, sqrtf)
 ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, sqrtf)
 
-/* Where the even element of a pair lies in a 32-bit lane loaded from memory (little-endian
- * unless the compiler says otherwise: every platform torch runs on). */
+/* A 32-bit lane of two 16-bit elements as loaded from memory, to and from the order with
+ * the even element in the low half (its own inverse): as it is on little-endian hosts (every
+ * platform torch runs on), the halves swapped where the compiler says big-endian. */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-#define ADOPT_EVEN_SHIFT 16u
+#define ADOPT_PAIR_LANE(x) ((uint32_t)(x) >> 16 | (uint32_t)(x) << 16)
 #else
-#define ADOPT_EVEN_SHIFT 0u
+#define ADOPT_PAIR_LANE(x) ((uint32_t)(x))
 #endif
 
 /* A later step with stochastic rounding of 16-bit tensors over `pairs` pairs of elements
  * (elements 2q and 2q + 1 from the segment's start, which is an even element: pair index
  * first_pair + q), each pair as one 32-bit lane: the pair's word is computed once and its
  * halves round the two elements (the low half the even one), the 16-bit values are
- * unpacked and packed with shifts (ADOPT_EVEN_SHIFT: where the even element lies in a lane
- * loaded from memory). Same arithmetic as update_ element by element. */
+ * unpacked and packed with shifts (lanes in ADOPT_PAIR_LANE order). Same arithmetic as
+ * update_ element by element. */
 #define ADOPT_DEFINE_PAIR_LOOP(SUF)                                                               \
     ADOPT_INLINE void update_pairs_##SUF(uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v, \
                                          int64_t pairs, const coef_float *k, const float clip,    \
@@ -339,18 +340,20 @@ ADOPT_DEFINE_LOOPS(bf16, uint16_t, float, bf16_load, bf16_store, bf16_store_sr, 
             memcpy(&gw, g + 2 * q, 4);                                                            \
             memcpy(&mw, m + 2 * q, 4);                                                            \
             memcpy(&vw, v + 2 * q, 4);                                                            \
+            pw = ADOPT_PAIR_LANE(pw);                                                             \
+            gw = ADOPT_PAIR_LANE(gw);                                                             \
+            mw = ADOPT_PAIR_LANE(mw);                                                             \
+            vw = ADOPT_PAIR_LANE(vw);                                                             \
             const uint32_t word = mix32(pair_g ^ key);                                            \
             uint16_t p0, m0, v0, p1, m1, v1;                                                      \
-            const unsigned e_ = ADOPT_EVEN_SHIFT, o_ = 16u - ADOPT_EVEN_SHIFT;                    \
-            step_one_##SUF((uint16_t)(pw >> e_), (uint16_t)(gw >> e_), (uint16_t)(mw >> e_),      \
-                           (uint16_t)(vw >> e_), k, clip, l2_on, 1, nesterov, word & 0xFFFFu, &p0, \
-                           &m0, &v0);                                                             \
-            step_one_##SUF((uint16_t)(pw >> o_), (uint16_t)(gw >> o_), (uint16_t)(mw >> o_),      \
-                           (uint16_t)(vw >> o_), k, clip, l2_on, 1, nesterov, word >> 16, &p1,    \
+            step_one_##SUF((uint16_t)pw, (uint16_t)gw, (uint16_t)mw, (uint16_t)vw, k, clip, l2_on, \
+                           1, nesterov, word & 0xFFFFu, &p0, &m0, &v0);                           \
+            step_one_##SUF((uint16_t)(pw >> 16), (uint16_t)(gw >> 16), (uint16_t)(mw >> 16),      \
+                           (uint16_t)(vw >> 16), k, clip, l2_on, 1, nesterov, word >> 16, &p1,    \
                            &m1, &v1);                                                             \
-            pw = (uint32_t)p0 << e_ | (uint32_t)p1 << o_;                                         \
-            mw = (uint32_t)m0 << e_ | (uint32_t)m1 << o_;                                         \
-            vw = (uint32_t)v0 << e_ | (uint32_t)v1 << o_;                                         \
+            pw = ADOPT_PAIR_LANE((uint32_t)p0 | (uint32_t)p1 << 16);                              \
+            mw = ADOPT_PAIR_LANE((uint32_t)m0 | (uint32_t)m1 << 16);                              \
+            vw = ADOPT_PAIR_LANE((uint32_t)v0 | (uint32_t)v1 << 16);                              \
             memcpy(p + 2 * q, &pw, 4);                                                            \
             memcpy(m + 2 * q, &mw, 4);                                                            \
             memcpy(v + 2 * q, &vw, 4);                                                            \
