@@ -8,7 +8,9 @@ hit all alike), medians reported. The roofline is measured, not assumed: an in-p
 ``torch.add_`` over the same tensors gives the machine's streaming bandwidth (12 bytes per
 element: two reads, one write), and each step's roofline is its own bytes per element over
 that bandwidth: full 28 (p r+w 8, g 4, m and v r+w 8 each), 8bit 16 (p 8, g 4, codes r+w
-1 + 1 each; scales 0.03), bf16 20.
+1 + 1 each; scales 0.03), bf16 20. From the steps' compute alone (one cache-resident tensor)
+it also prints the bandwidth per thread up to which each low-precision step can reach its
+target speed-up over the memory-bound full step (8bit 1.4x, bf16 1.2x).
 
 usage: PYTHONPATH=src python3 scripts/bench_state_cpu.py [--numel N] [--tensors K]
        [--rounds R] [--threads 2,1] [--json out.json]
@@ -31,6 +33,8 @@ from adopt._random import param_seed
 from adopt.schedules import PowerClip
 
 BYTES = {"full": 28.0, "8bit": 16.0 + 8.0 / 256, "bf16": 20.0}
+# Issue 9's speed targets: how much faster than the full-precision step each format must be.
+TARGETS = {"8bit": 1.4, "bf16": 1.2}
 ROOF_BYTES = 12.0  # in-place add: read a, read b, write a
 CACHED_NUMEL = 65_536  # one tensor whose whole step fits in L2: the steps' compute cost alone
 CACHED_REPEATS = 200
@@ -152,6 +156,15 @@ def main(argv: list[str]) -> int:
                     best = min(best, (time.perf_counter() - t0) / CACHED_REPEATS)
                 cached[k] = best / CACHED_NUMEL * 1e9
             row["cache_resident_ns_per_element"] = cached
+            # Where the targets hold: while the full step is memory bound (28 B per element at
+            # the bandwidth), a step whose compute takes c ns per element and thread is R times
+            # faster only if c <= 28 B / (R * bandwidth per thread), i.e. on machines with at
+            # most that bandwidth per thread (and if its own bytes fit: 16 and 20 <= 28 / R).
+            per_thread = {k: cached[k] * threads for k in cached}
+            row["compute_ns_per_element_per_thread"] = per_thread
+            row["bandwidth_per_thread_GBps"] = bandwidth / threads / 1e9
+            row["target_bandwidth_per_thread_GBps"] = {
+                k: BYTES["full"] / (r * per_thread[k]) for k, r in TARGETS.items()}
             row["speedup_8bit"] = med["full"] / med["8bit"]
             row["speedup_bf16"] = med["full"] / med["bf16"]
             results["threads"][str(threads)] = row
@@ -172,6 +185,12 @@ def main(argv: list[str]) -> int:
               f"bf16 {c['bf16']:.2f}  (streaming full: {row['median_s']['full'] / n * 1e9:.2f})")
         print(f"{threads:>7} {'add_':>6} {row['median_s']['roofline_add'] * 1e3:9.1f} {row['bandwidth_GBps']:7.1f}"
               "  (in-place add, 12 B/elem: the measured bandwidth)")
+        for k, r in TARGETS.items():
+            need = row["target_bandwidth_per_thread_GBps"][k]
+            have = row["bandwidth_per_thread_GBps"]
+            print(f"{threads:>7} {k} {r}x faster than full needs <= {need:.1f} GB/s per thread "
+                  f"(its compute: {row['compute_ns_per_element_per_thread'][k]:.2f} ns/element/thread); "
+                  f"this machine: {have:.1f}")
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.json}")
