@@ -111,7 +111,7 @@ setup(
         Extension(
             "adopt._kernels._adopt_cpu",
             sources=[os.path.join(KERNEL_DIR, "adopt_cpu.c"), os.path.join(KERNEL_DIR, "adopt_cpu_module.c")],
-            depends=[os.path.join(KERNEL_DIR, "adopt_cpu.h")],
+            depends=[os.path.join(KERNEL_DIR, "adopt_cpu.h"), os.path.join(KERNEL_DIR, "adopt_cpu_avx512.h")],
             optional=True,
         )
     ],

@@ -5,7 +5,9 @@ float32 (``_state_formats``), run the existing fused full-precision kernel on fl
 (``adopt.functional.adopt(..., fused=True)``; 16-bit params as float32 copies, written back
 to nearest or with ``_random.stochastic_round_`` on stream 0), then encode the new moments
 with ``_state_formats.quantize`` / ``round_bf16`` under ``state_key(seed, s, moment)``. The
-kernel must match it bit for bit: codes, scales, bf16 moments, params and steps.
+kernel must match it bit for bit: codes, scales, bf16 moments, params and steps. Every test
+runs twice where the CPU has AVX-512: with the kernel's AVX-512 block step (the default
+there) and with its portable loops.
 """
 
 from __future__ import annotations
@@ -25,6 +27,31 @@ from adopt.functional import adopt as functional_adopt
 from adopt.schedules import PowerClip
 
 pytestmark = pytest.mark.skipif(not fused_state_cpu_available(), reason="the C kernel was not built")
+
+
+def _kernel() -> Any:
+    k = _fused._cpu_kernel()
+    assert k is not None
+    return k
+
+
+def _avx512_available() -> bool:
+    return fused_state_cpu_available() and bool(_kernel().avx512_available())
+
+
+@pytest.fixture(autouse=True, params=["avx512", "portable"])
+def block_loops(request: pytest.FixtureRequest) -> Any:
+    """Which loops the kernel's common state step runs (adopt_cpu_avx512.h, or adopt_cpu.c's)."""
+    if not fused_state_cpu_available():
+        yield request.param
+        return
+    if request.param == "avx512" and not _avx512_available():
+        pytest.skip("this CPU does not run the AVX-512 block step")
+    previous = _kernel().use_avx512(request.param == "avx512")
+    try:
+        yield request.param
+    finally:
+        _kernel().use_avx512(previous)
 
 # Sizes around the block size: a partial block, exact blocks, one element.
 SIZES = [(300,), (16, 16), (5, 103), (1,), (1030,)]
@@ -243,6 +270,48 @@ def test_large_random_moments_bitexact() -> None:
         v = torch.rand(8 * BLOCK_SIZE, generator=gen) * torch.exp2(torch.randint(-60, 20, (8 * BLOCK_SIZE,), generator=gen).float())
         st.set_moments([m], [v])
         run_both(st, 2)
+
+
+@pytest.mark.parametrize("block_loops", ["avx512"], indirect=True)  # it switches itself
+@pytest.mark.parametrize("fmt", ["8bit", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hyper", [{}, dict(weight_decay=0.1, decouple=True, maximize=True, clip_lambda=None),
+                                   dict(grad_scale=2.0**-3, stochastic_rounding=True)])
+def test_avx512_blocks_match_portable_loops(block_loops: str, fmt: str, dtype: torch.dtype,
+                                            hyper: dict[str, Any]) -> None:
+    """The AVX-512 block step and the portable loops give the same bits on extreme blocks:
+    moments over 60 binades, all-zero blocks, the subnormal code range down to where it rounds
+    to 0, u whose decoded squares overflow, NaN and infinite values."""
+    n = 24 * BLOCK_SIZE + 40
+    gen = torch.Generator().manual_seed(11)
+    start = State(fmt, dtype, [(n,)], [5], seed=4)
+    m = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-60, 12, (n,), generator=gen).float())
+    v = torch.rand(n, generator=gen) * torch.exp2(torch.randint(-90, 30, (n,), generator=gen).float())
+    m[: 2 * BLOCK_SIZE] = 0.0  # zero blocks
+    v[BLOCK_SIZE : 2 * BLOCK_SIZE] = 0.0
+    m[2 * BLOCK_SIZE : 3 * BLOCK_SIZE] *= 2.0**-24  # far into the subnormal code range
+    m[3 * BLOCK_SIZE] = 1.0  # ... of a block whose scale is 1
+    # u near 2^64 (v near the float32 maximum): a code rounded up squares to infinity
+    v[4 * BLOCK_SIZE : 6 * BLOCK_SIZE] = torch.finfo(torch.float32).max * (1 - torch.rand(2 * BLOCK_SIZE, generator=gen) / 4)
+    m[4 * BLOCK_SIZE : 6 * BLOCK_SIZE] = 0.0  # so that the update there shows it (g / inf = 0)
+    start.set_moments([m], [v])
+    g = start.grads[0]
+    g[6 * BLOCK_SIZE + 3] = float("nan")
+    g[7 * BLOCK_SIZE + 9] = float("inf")
+    g[8 * BLOCK_SIZE : 9 * BLOCK_SIZE] *= 1e-30
+    scale = hyper.get("grad_scale")
+    kw = {k: v for k, v in hyper.items() if k != "grad_scale"}
+    grad_scale = None if scale is None else torch.tensor(scale)
+    fast, portable = start.clone(), start.clone()
+    for _ in range(3):  # compared after every step: a NaN block can hide an earlier difference
+        for st, on in ((fast, True), (portable, False)):
+            previous = _kernel().use_avx512(on)
+            try:
+                kernel_step(st, grad_scale=grad_scale, **kw)
+            finally:
+                _kernel().use_avx512(previous)
+        fast.assert_equal(portable)
+    assert start.exp_avgs[0].float().ne(fast.exp_avgs[0].float()).any()  # the steps did something
 
 
 def test_threads_identical() -> None:

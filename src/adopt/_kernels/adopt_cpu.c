@@ -916,6 +916,39 @@ ADOPT_CLONES static uint32_t block_plain_bf16(const block_args *c) { return stat
 ADOPT_CLONES static uint32_t block_count_8bit(const block_args *c) { return state_block(c, 1, 1, 0); }
 ADOPT_CLONES static uint32_t block_count_bf16(const block_args *c) { return state_block(c, 0, 1, 0); }
 
+/* The AVX-512 block workers of the common step (adopt_cpu_avx512.h), on x86-64 with GCC or
+ * Clang; used on whole blocks when the CPU runs them, unless adopt_cpu_use_avx512(0). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(ADOPT_NO_AVX512)
+#define ADOPT_HAVE_AVX512 1
+#include "adopt_cpu_avx512.h"
+#endif
+
+static int avx512_wanted = 1;
+
+int adopt_cpu_avx512_available(void) {
+#ifdef ADOPT_HAVE_AVX512
+    static int known = -1; /* computed once; a racing first call computes the same value */
+    if (known < 0) known = avx512_supported();
+    return known;
+#else
+    return 0;
+#endif
+}
+
+int adopt_cpu_use_avx512(int on) {
+    const int previous = avx512_wanted;
+    avx512_wanted = on != 0;
+    return previous;
+}
+
+/* The worker for the whole blocks of a plain step. */
+static uint32_t (*whole_block_worker(const int fmt8))(const block_args *) {
+#ifdef ADOPT_HAVE_AVX512
+    if (avx512_wanted && adopt_cpu_avx512_available()) return fmt8 ? block_plain_8bit_avx512 : block_plain_bf16_avx512;
+#endif
+    return fmt8 ? block_plain_8bit : block_plain_bf16;
+}
+
 /* 16-bit params and grads to float32 and back (nearest, or stochastic with the draws of
  * elements start .. start + n - 1 under `key`; n <= ADOPT_STATE_BLOCK). */
 ADOPT_CLONES static void widen_bf16(const uint16_t *restrict src, float *restrict dst, int64_t n) {
@@ -987,6 +1020,7 @@ static int64_t state_blocks(const adopt_state_args *sa, const state_info *ti, in
         count_only ? (fmt8 ? block_count_8bit : block_count_bf16)
         : plain    ? (fmt8 ? block_plain_8bit : block_plain_bf16)
                    : (fmt8 ? block_step_8bit : block_step_bf16);
+    uint32_t (*const whole)(const block_args *) = !count_only && plain ? whole_block_worker(fmt8) : worker;
     int64_t kept = 0;
     for (int64_t blk = b; blk < e; blk++) {
         const int64_t j0 = blk * ADOPT_STATE_BLOCK;
@@ -1018,7 +1052,7 @@ static int64_t state_blocks(const adopt_state_args *sa, const state_info *ti, in
             c.g_in = g_buf;
             c.p_out = p_buf;
         }
-        kept += worker(&c);
+        kept += (n == ADOPT_STATE_BLOCK ? whole : worker)(&c);
         if (count_only || wide || ti->first) continue;
         uint16_t *ph = (uint16_t *)a->p[i] + j0;
         if (a->dtype == ADOPT_BF16) narrow_bf16(p_buf, ph, n, sr, ti->pkey ^ hi, j0);

@@ -84,6 +84,13 @@ typedef struct {
  * per-call table cannot be allocated. */
 int adopt_cpu_state_step(const adopt_state_args *args);
 
+/* Whether the AVX-512 version of the common low-memory-state step (adopt_cpu_avx512.h) is
+ * compiled in and this CPU runs it; adopt_cpu_use_avx512(0) turns it off for the process
+ * (the portable loops then run; the results are the same bits) and returns the previous
+ * setting. For tests and benchmarks: not to be changed while a step runs. */
+int adopt_cpu_avx512_available(void);
+int adopt_cpu_use_avx512(int on);
+
 /* Nonzero when the library was compiled with OpenMP. */
 int adopt_cpu_has_openmp(void);
 

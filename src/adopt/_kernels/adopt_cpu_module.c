@@ -1605,6 +1605,19 @@ static PyObject *py_has_openmp(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(adopt_cpu_has_openmp());
 }
 
+static PyObject *py_avx512_available(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(adopt_cpu_avx512_available());
+}
+
+static PyObject *py_use_avx512(PyObject *self, PyObject *on) {
+    (void)self;
+    const int flag = PyObject_IsTrue(on);
+    if (flag < 0) return NULL;
+    return PyBool_FromLong(adopt_cpu_use_avx512(flag));
+}
+
 static PyObject *py_neg_view_detection(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -1624,6 +1637,11 @@ static PyMethodDef methods[] = {
     {"check_lists", (PyCFunction)(void (*)(void))py_check_lists, METH_FASTCALL, check_lists_doc},
     {"host_steps", py_host_steps, METH_O, host_steps_doc},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
+    {"avx512_available", py_avx512_available, METH_NOARGS,
+     "Whether the AVX-512 version of the common low-memory-state step is built in and this CPU runs it."},
+    {"use_avx512", py_use_avx512, METH_O,
+     "use_avx512(on) -> bool: turn the AVX-512 low-memory-state step on or off (the portable loops,\n"
+     "same results; for tests and benchmarks); returns the previous setting."},
     {"random_draw", (PyCFunction)(void (*)(void))py_random_draw, METH_FASTCALL,
      "random_draw(seed, step, index) -> int: the kernel's 16-bit random draw of one element."},
     {"round_stochastic", (PyCFunction)(void (*)(void))py_round_stochastic, METH_FASTCALL,
