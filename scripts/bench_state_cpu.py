@@ -10,7 +10,9 @@ element: two reads, one write), and each step's roofline is its own bytes per el
 that bandwidth: full 28 (p r+w 8, g 4, m and v r+w 8 each), 8bit 16 (p 8, g 4, codes r+w
 1 + 1 each; scales 0.03), bf16 20. From the steps' compute alone (one cache-resident tensor)
 it also prints the bandwidth per thread up to which each low-precision step can reach its
-target speed-up over the memory-bound full step (8bit 1.4x, bf16 1.2x).
+target speed-up over the memory-bound full step (8bit 1.4x, bf16 1.2x). Where the kernel
+runs its AVX-512 state step, the 8bit and bf16 steps are timed a second time with its
+portable loops ("8bit-portable", "bf16-portable") in the same rounds.
 
 usage: PYTHONPATH=src python3 scripts/bench_state_cpu.py [--numel N] [--tensors K]
        [--rounds R] [--threads 2,1] [--json out.json]
@@ -88,7 +90,35 @@ def steps(d: dict[str, Any]) -> dict[str, Callable[[], None]]:
         for p, g in zip(d["params"], d["grads"]):
             p.add_(g)
 
-    return {"full": full, "8bit": eight, "bf16": bf16, "roofline_add": roof}
+    return with_portable({"full": full, "8bit": eight, "bf16": bf16, "roofline_add": roof})
+
+
+def with_portable(fns: dict[str, Callable[[], None]]) -> dict[str, Callable[[], None]]:
+    """Where the kernel runs its AVX-512 state step, the 8bit and bf16 steps once more with
+    its portable loops ("8bit-portable", "bf16-portable"), in the same rounds."""
+    k = _fused._cpu_kernel()
+    if k is None or not k.avx512_available():
+        return fns
+
+    def portable(fn: Callable[[], None]) -> Callable[[], None]:
+        def call() -> None:
+            previous = k.use_avx512(False)
+            try:
+                fn()
+            finally:
+                k.use_avx512(previous)
+
+        return call
+
+    out = dict(fns)
+    for name in ("8bit", "bf16"):
+        out[f"{name}-portable"] = portable(fns[name])
+    return out
+
+
+def kinds(results: dict[str, Any]) -> list[str]:
+    """The steps timed, in table order."""
+    return [k for k in ("full", "8bit", "8bit-portable", "bf16", "bf16-portable") if k in results]
 
 
 def direct_calls(d: dict[str, Any]) -> dict[str, Callable[[], None]]:
@@ -103,7 +133,8 @@ def direct_calls(d: dict[str, Any]) -> dict[str, Callable[[], None]]:
              d["seeds"], None, None, None, k.STATE_8BIT, *h, False, nt, False)
     bf16 = (d["params"], d["grads"], d["bf_m"], d["bf_v"], None, None, d["state_stepsbf"], d["seeds"], None, None,
             None, k.STATE_BF16, *h, False, nt, False)
-    return {"full": lambda: k.step(*full), "8bit": lambda: k.step_state(*eight), "bf16": lambda: k.step_state(*bf16)}
+    return with_portable({"full": lambda: k.step(*full), "8bit": lambda: k.step_state(*eight),
+                          "bf16": lambda: k.step_state(*bf16)})
 
 
 def main(argv: list[str]) -> int:
@@ -138,8 +169,8 @@ def main(argv: list[str]) -> int:
             bandwidth = ROOF_BYTES * n / med["roofline_add"]
             row: dict[str, Any] = {"median_s": med, "min_s": {k: min(v) for k, v in times.items()},
                                    "bandwidth_GBps": bandwidth / 1e9}
-            for k in ("full", "8bit", "bf16"):
-                roof = BYTES[k] * n / bandwidth
+            for k in kinds(med):
+                roof = BYTES[k.split("-")[0]] * n / bandwidth
                 row[f"{k}_roofline_s"] = roof
                 row[f"{k}_over_roofline"] = med[k] / roof
             # Compute cost: the same steps on one small tensor that stays in cache, calling the
@@ -172,18 +203,19 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(old)
 
     print(f"{n / 1e6:.0f}M float32 params in {args.tensors} tensors, {args.rounds} interleaved rounds (medians)")
-    print(f"{'threads':>7} {'step':>6} {'ms':>9} {'GB/s':>7} {'roofline ms':>12} {'x roofline':>11} {'vs full':>8}")
+    print(f"{'threads':>7} {'step':>13} {'ms':>9} {'GB/s':>7} {'roofline ms':>12} {'x roofline':>11} {'vs full':>8}")
     for threads, row in results["threads"].items():
-        for k in ("full", "8bit", "bf16"):
+        for k in kinds(row["median_s"]):
             ms = row["median_s"][k] * 1e3
-            gbs = BYTES[k] * n / row["median_s"][k] / 1e9
+            gbs = BYTES[k.split("-")[0]] * n / row["median_s"][k] / 1e9
             speed = row["median_s"]["full"] / row["median_s"][k]
-            print(f"{threads:>7} {k:>6} {ms:9.1f} {gbs:7.1f} {row[f'{k}_roofline_s'] * 1e3:12.1f} "
+            print(f"{threads:>7} {k:>13} {ms:9.1f} {gbs:7.1f} {row[f'{k}_roofline_s'] * 1e3:12.1f} "
                   f"{row[f'{k}_over_roofline']:11.2f} {speed:7.2f}x")
         c = row["cache_resident_ns_per_element"]
-        print(f"{threads:>7} cache-resident compute, ns/element: full {c['full']:.2f}  8bit {c['8bit']:.2f}  "
-              f"bf16 {c['bf16']:.2f}  (streaming full: {row['median_s']['full'] / n * 1e9:.2f})")
-        print(f"{threads:>7} {'add_':>6} {row['median_s']['roofline_add'] * 1e3:9.1f} {row['bandwidth_GBps']:7.1f}"
+        compute = "  ".join(f"{k} {c[k]:.2f}" for k in kinds(c))
+        print(f"{threads:>7} cache-resident compute, ns/element: {compute}  "
+              f"(streaming full: {row['median_s']['full'] / n * 1e9:.2f})")
+        print(f"{threads:>7} {'add_':>13} {row['median_s']['roofline_add'] * 1e3:9.1f} {row['bandwidth_GBps']:7.1f}"
               "  (in-place add, 12 B/elem: the measured bandwidth)")
         for k, r in TARGETS.items():
             need = row["target_bandwidth_per_thread_GBps"][k]

@@ -36,6 +36,7 @@ def test_info_json_matches_the_public_function() -> None:
     kernel = printed["fused_cpu_kernel"]
     if kernel["built"]:
         assert kernel["openmp"] in (True, False) and kernel["tensor_access"] in ("inline", "cdata")
+        assert kernel["avx512_state_step"] in (True, False)
         assert kernel["neg_view_detection"] in ("bit", "is_neg")
 
 

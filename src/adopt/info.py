@@ -90,6 +90,7 @@ def environment_info() -> dict[str, Any]:
         cpu.update(
             file=kernel.__file__,
             simd=_simd_level(),
+            avx512_state_step=bool(kernel.avx512_available()),
             openmp=bool(kernel.has_openmp()),
             openmp_runtime=_openmp_runtime(),
             tensor_access=kernel.tensor_access(),
