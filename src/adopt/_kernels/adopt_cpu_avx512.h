@@ -6,19 +6,19 @@
  * a block of exactly ADOPT_STATE_BLOCK elements (every block but a tensor's last, shorter
  * one). state_block computes it with loops that GCC vectorises; these do the same
  * operations on the same values in the same order, 16 elements per instruction, so the
- * parameters, codes and scales are the same bits (tests/test_fused_state_cpu.py compares
- * both on every call it makes). What they save is instructions, which is what the step is
- * bound by on the CPUs measured (BENCHMARKS.md): the draws are hashed 16 words at a time
- * straight into registers (no buffer), the codes decoded and encoded with masks instead of
- * selects, and the signed code's subnormal range rounded as floor(X * 2^16 + draw) >> 16 on
- * the exact float32 X = |m| * 2^(130 - o) (one conversion instead of a whole part and a
- * fraction). A block whose m or u is all zero or not finite (codes 0) takes the scalar
+ * parameters, codes and scales are the same bits (tests/test_fused_state_cpu.py checks
+ * both against its reference and against each other on extreme blocks). What they save is
+ * instructions, which is what the step is bound by on the CPUs measured (BENCHMARKS.md):
+ * the draws are hashed 16 words at a time straight into registers (no buffer), the codes
+ * decoded and encoded with masks instead of selects, and the signed code's subnormal range
+ * rounded as (floor(X * 2^16) + draw) >> 16 on the exact float32 X = |m| * 2^(130 - o) (one
+ * conversion instead of a whole part and a fraction). A block whose m or u is all zero or not finite (codes 0) takes the scalar
  * encoder of adopt_cpu.c.
  */
 #include <immintrin.h>
 
-#define ADOPT_AVX512 __attribute__((target("avx512f")))
-#define ADOPT_AVX512_INLINE static inline __attribute__((target("avx512f"), always_inline))
+#define ADOPT_AVX512 __attribute__((target("avx512f,avx512bw")))
+#define ADOPT_AVX512_INLINE static inline __attribute__((target("avx512f,avx512bw"), always_inline))
 
 /* mix32 of 16 words. */
 ADOPT_AVX512_INLINE __m512i mix32_x16(__m512i x) {
@@ -49,8 +49,10 @@ ADOPT_AVX512_INLINE void draws_x16_next(draws_x16 *d, __m512i *m_draw, __m512i *
     const __m512i w = mix32_x16(_mm512_xor_si512(d->pair_g, d->keys));
     d->pair_g = _mm512_add_epi32(d->pair_g, _mm512_set1_epi32((int)(8u * ADOPT_GOLDEN)));
     /* Little-endian: the low half of pair k's word is element 2k's draw. */
-    *m_draw = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
-    *v_draw = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1));
+    const __m512i m_idx = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i v_idx = _mm512_set_epi32(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16);
+    *m_draw = _mm512_maskz_permutexvar_epi16(0x55555555u, m_idx, w);
+    *v_draw = _mm512_maskz_permutexvar_epi16(0x55555555u, v_idx, w);
 }
 
 /* The block's coefficients, broadcast. */
@@ -131,7 +133,7 @@ ADOPT_AVX512_INLINE void pass_8bit_x16(const block_args *c, float *restrict m_ne
         _mm512_store_ps(m_new + j, mn);
         _mm512_store_ps(u_new + j, u);
         am = _mm512_max_epu32(am, _mm512_and_si512(_mm512_castps_si512(mn), magnitude));
-        au = _mm512_max_epu32(au, _mm512_and_si512(_mm512_castps_si512(u), magnitude));
+        au = _mm512_max_epu32(au, _mm512_castps_si512(u)); /* u >= +0 or NaN (which stays above inf) */
     }
     *m_max = (uint32_t)_mm512_reduce_max_epu32(am);
     *u_max = (uint32_t)_mm512_reduce_max_epu32(au);
@@ -183,7 +185,7 @@ ADOPT_AVX512 static uint32_t block_plain_8bit_avx512(const block_args *c) {
         __m512i y = _mm512_maskz_mov_epi32(kept, _mm512_cvttps_epu32(xs));
         y = _mm512_mask_mov_epi32(y, normal, _mm512_sub_epi32(_mm512_srli_epi32(a, 3), m_offset));
         __m512i qm = _mm512_min_epu32(_mm512_srli_epi32(_mm512_add_epi32(y, dm), 16), _mm512_set1_epi32(127));
-        qm = _mm512_mask_or_epi32(qm, _mm512_cmplt_epi32_mask(x, _mm512_setzero_si512()), qm, _mm512_set1_epi32(0x80));
+        qm = _mm512_ternarylogic_epi32(qm, _mm512_srli_epi32(x, 24), _mm512_set1_epi32(0x80), 0xF8); /* | sign << 7 */
         _mm_storeu_si128((__m128i *)(mc + j), _mm512_cvtepi32_epi8(qm));
         const __m512i ua = _mm512_load_si512((const void *)(u_new + j)); /* u >= +0 */
         __m512i qu = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_add_epi32(_mm512_srli_epi32(ua, 3), dv), 16), u_offset);
@@ -223,8 +225,8 @@ ADOPT_AVX512 static uint32_t block_plain_bf16_avx512(const block_args *c) {
     return 0;
 }
 
-/* Whether this CPU (and its OS) runs AVX-512F code. */
+/* Whether this CPU (and its OS) runs AVX-512F and AVX-512BW code. */
 static int avx512_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
