@@ -927,7 +927,7 @@ static int avx512_wanted = 1;
 
 int adopt_cpu_avx512_available(void) {
 #ifdef ADOPT_HAVE_AVX512
-    static int known = -1; /* computed once; a racing first call computes the same value */
+    static int known = -1; /* computed once, by adopt_cpu_state_step before its threads start */
     if (known < 0) known = avx512_supported();
     return known;
 #else
@@ -1144,6 +1144,7 @@ int adopt_cpu_state_step(const adopt_state_args *sa) {
     info[n].offset = blocks;
     info[n].clip = INFINITY;
 
+    (void)adopt_cpu_avx512_available(); /* the CPU check, once, before any thread reads it */
     int nt = threads_for(total, a->num_threads);
 #ifdef _OPENMP
     if (nt > ADOPT_MAX_TEAM) nt = ADOPT_MAX_TEAM;
