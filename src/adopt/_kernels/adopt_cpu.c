@@ -799,6 +799,23 @@ typedef struct {
     int first, caution, nesterov, l2_on;
 } block_args;
 
+/* The codes of a block's n new m and u values with their draws, in a block whose scales have
+ * exponent fields fm and fu (state_scale). A zero or non-finite moment (field 0) writes code
+ * 0; it encodes against B_min so that enc_m8 sees a valid exponent. */
+ADOPT_INLINE void encode_codes(uint8_t *restrict mc, uint8_t *restrict vc, const float *m_new, const float *u_new,
+                               const uint16_t *m_draw, const uint16_t *v_draw, const int64_t n, const uint32_t fm,
+                               const uint32_t fu) {
+    const int32_t om = (int32_t)(fm != 0 ? fm : 11u) - 7, ou = (int32_t)fu - 15;
+    const uint32_t m_mask = fm != 0 ? 0xFFu : 0u, u_mask = fu != 0 ? 0xFFu : 0u; /* 0: every code 0 */
+    ADOPT_SIMD
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t qm = enc_m8(f32_to_bits(m_new[j]), (uint32_t)m_draw[j] << 16, om);
+        const uint32_t qu = enc_u8(f32_to_bits(u_new[j]), (uint32_t)v_draw[j] << 16, ou);
+        mc[j] = (uint8_t)(qm & m_mask);
+        vc[j] = (uint8_t)(qu & u_mask);
+    }
+}
+
 /*
  * The rule on one block, as update_/apply_ compute it on float32 moments. fmt8 and
  * count_only are constants at each call site. count_only: a cautious step's first pass,
@@ -894,17 +911,7 @@ ADOPT_INLINE uint32_t state_block(const block_args *c, const int fmt8, const int
     uint32_t fm, fu;
     *c->m_scale = state_scale(am, 11u, &fm); /* B_min: 2^3 + 4 - 1 (signed), 2^4 + 63 (squared) */
     *c->v_scale = state_scale(au, 79u, &fu);
-    /* A zero or non-finite block (field 0) writes code 0; it encodes against B_min so that
-     * enc_m8 sees a valid exponent. */
-    const int32_t om = (int32_t)(fm != 0 ? fm : 11u) - 7, ou = (int32_t)fu - 15;
-    const uint32_t m_mask = fm != 0 ? 0xFFu : 0u, u_mask = fu != 0 ? 0xFFu : 0u; /* 0: every code 0 */
-    ADOPT_SIMD
-    for (int64_t j = 0; j < n; j++) {
-        const uint32_t qm = enc_m8(f32_to_bits(mnew[j]), (uint32_t)m_draw[j] << 16, om);
-        const uint32_t qu = enc_u8(f32_to_bits(unew[j]), (uint32_t)v_draw[j] << 16, ou);
-        mc[j] = (uint8_t)(qm & m_mask);
-        vc[j] = (uint8_t)(qu & u_mask);
-    }
+    encode_codes(mc, vc, mnew, unew, m_draw, v_draw, n, fm, fu);
     return 0;
 }
 

@@ -12,8 +12,8 @@
  * the draws are hashed 16 words at a time straight into registers (no buffer), the codes
  * decoded and encoded with masks instead of selects, and the signed code's subnormal range
  * rounded as (floor(X * 2^16) + draw) >> 16 on the exact float32 X = |m| * 2^(130 - o) (one
- * conversion instead of a whole part and a fraction). A block whose m or u is all zero or not finite (codes 0) takes the scalar
- * encoder of adopt_cpu.c.
+ * conversion instead of a whole part and a fraction). A block whose m or u is all zero or
+ * not finite (codes 0) is encoded by adopt_cpu.c's encode_codes.
  */
 #include <immintrin.h>
 
@@ -153,15 +153,9 @@ ADOPT_AVX512 static uint32_t block_plain_8bit_avx512(const block_args *c) {
     *c->m_scale = state_scale(am, 11u, &fm);
     *c->v_scale = state_scale(au, 79u, &fu);
     if (fm == 0 || fu == 0) { /* an all-zero or non-finite moment: as state_block encodes it */
-        const int32_t om = (int32_t)(fm != 0 ? fm : 11u) - 7, ou = (int32_t)fu - 15;
-        const uint32_t m_mask = fm != 0 ? 0xFFu : 0u, u_mask = fu != 0 ? 0xFFu : 0u;
         uint16_t m_buf[ADOPT_STATE_BLOCK + 2], v_buf[ADOPT_STATE_BLOCK + 2];
-        const uint16_t *m_draw = draws_of(m_buf, c->mk, c->start, ADOPT_STATE_BLOCK);
-        const uint16_t *v_draw = draws_of(v_buf, c->vk, c->start, ADOPT_STATE_BLOCK);
-        for (int j = 0; j < ADOPT_STATE_BLOCK; j++) {
-            mc[j] = (uint8_t)(enc_m8(f32_to_bits(m_new[j]), (uint32_t)m_draw[j] << 16, om) & m_mask);
-            vc[j] = (uint8_t)(enc_u8(f32_to_bits(u_new[j]), (uint32_t)v_draw[j] << 16, ou) & u_mask);
-        }
+        encode_codes(mc, vc, m_new, u_new, draws_of(m_buf, c->mk, c->start, ADOPT_STATE_BLOCK),
+                     draws_of(v_buf, c->vk, c->start, ADOPT_STATE_BLOCK), ADOPT_STATE_BLOCK, fm, fu);
         return 0;
     }
     /* Every value is finite here. enc_m8 and enc_u8 with r = draw << 16, rearranged:
